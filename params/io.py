@@ -1,0 +1,291 @@
+"""Safetensors files and the HF-name <-> param-tree mapping, with strict checks.
+
+File format (https://github.com/huggingface/safetensors): 8-byte little-endian header
+length N, N bytes of JSON header `{name: {dtype, shape, data_offsets}, "__metadata__": {}}`,
+then the raw little-endian tensor bytes. The `safetensors` library validates the header
+(offsets, sizes, overlaps); tensors are then memory-mapped with numpy so that a checkpoint
+is read lazily and bfloat16 works (numpy learns bfloat16 from `ml_dtypes`, a jax dependency).
+
+Everything written goes to a temporary file in the target directory first and is renamed
+into place, so an interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from typing import Any, Iterator, Mapping
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor refjax cannot use; the message names the file or key."""
+
+
+# --------------------------------------------------------------------------------------
+# Writing atomically
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temp file beside `path`; rename it onto `path` only if the block succeeds."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder {folder!r} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------
+# Safetensors files
+# --------------------------------------------------------------------------------------
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors of one safetensors file (memory-mapped, read-only) and its metadata."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"safetensors file {path!r} does not exist")
+    size = os.path.getsize(path)
+    try:  # the library's validation of header, offsets and file size
+        with safe_open(path, framework="numpy") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        dtype = DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end - begin == 0:
+            tensors[name] = np.zeros(shape, dtype)
+        else:
+            tensors[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+    assert data_start <= size
+    return tensors, dict(metadata)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors (numpy or jax arrays, any dtype in DTYPES) atomically, in sorted key order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    arrays, offset = [], 0
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(np.asarray(tensors[name]))
+        if array.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {array.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": _DTYPE_NAMES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        arrays.append(array)
+        offset += array.nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # align the data to 8 bytes
+    with atomic_write(path) as f:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for array in arrays:
+            f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def read_checkpoint_tensors(checkpoint_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a HF checkpoint dir: `model.safetensors` or a sharded index."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    single = os.path.join(checkpoint_dir, SINGLE_FILE)
+    index = os.path.join(checkpoint_dir, INDEX_FILE)
+    if os.path.isfile(single):
+        return read_safetensors(single)[0]
+    if not os.path.isfile(index):
+        found = sorted(os.listdir(checkpoint_dir)) if os.path.isdir(checkpoint_dir) else []
+        hint = " (refjax reads only safetensors; convert .bin files first)" if any(n.endswith(".bin") for n in found) else ""
+        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {checkpoint_dir!r}{hint}")
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("'weight_map' must map tensor names to file names")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: invalid sharded index ({type(e).__name__}: {e})") from None
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = os.path.join(checkpoint_dir, shard)
+        if os.path.dirname(shard) or not os.path.isfile(shard_path):
+            raise FileNotFoundError(f"{index} names shard {shard!r}, which is not a file in {checkpoint_dir!r}")
+        shard_tensors, _ = read_safetensors(shard_path)
+        for name, array in shard_tensors.items():
+            if weight_map.get(name) != shard:
+                raise CheckpointError(
+                    f"{index}: tensor {name!r} is stored in {shard!r} but the index maps it to "
+                    f"{weight_map.get(name)!r}")
+            tensors[name] = array
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{index}: tensor {missing[0]!r} is mapped to {weight_map[missing[0]]!r}, "
+                              f"which does not contain it ({len(missing)} such tensor(s))")
+    return tensors
+
+
+def write_checkpoint_tensors(checkpoint_dir: str | os.PathLike, tensors: Mapping[str, Any],
+                             max_shard_bytes: int | None = None) -> list[str]:
+    """Write tensors as HF does: one `model.safetensors`, or shards + index when larger than
+    `max_shard_bytes`. Returns the file names written."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    metadata = {"format": "pt"}  # what HF's save_pretrained writes; from_pretrained expects it
+    sizes = {k: np.asarray(v).nbytes for k, v in tensors.items()}
+    if max_shard_bytes is None or sum(sizes.values()) <= max_shard_bytes:
+        write_safetensors(os.path.join(checkpoint_dir, SINGLE_FILE), tensors, metadata)
+        return [SINGLE_FILE]
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for name in sorted(tensors):
+        if shards[-1] and shard_bytes + sizes[name] > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += sizes[name]
+    files, weight_map = [], {}
+    for n, names in enumerate(shards, 1):
+        file = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(checkpoint_dir, file), {k: tensors[k] for k in names}, metadata)
+        weight_map.update({k: file for k in names})
+        files.append(file)
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
+    with atomic_write(os.path.join(checkpoint_dir, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
+    return files + [INDEX_FILE]
+
+
+# --------------------------------------------------------------------------------------
+# HF names <-> param tree
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NameRule:
+    """One leaf of a param tree and the HF tensor(s) it holds.
+
+    `path` is the dotted attribute path in the tree (`transformer.h.attn.c_attn.kernel`).
+    `hf` is the HF key; a `{i}` in it marks a per-layer tensor stacked on axis 0 here.
+    `transpose` swaps the last two axes (HF `nn.Linear` [out, in] -> our kernel [in, out]).
+    """
+
+    path: str
+    hf: str
+    transpose: bool = False
+
+
+def tree_paths(tree: Any) -> list[tuple[str, Any]]:
+    """(dotted path, leaf) for every leaf of a pytree of eqx.Modules."""
+    out = []
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out.append((".".join(str(getattr(k, "name", getattr(k, "key", k))) for k in keypath), leaf))
+    return out
+
+
+def _hf_shape(shape: tuple[int, ...], rule: NameRule) -> tuple[int, ...]:
+    return shape[:-2] + (shape[-1], shape[-2]) if rule.transpose else shape
+
+
+def tree_from_tensors(tensors: Mapping[str, np.ndarray], skeleton: Any, rules: list[NameRule],
+                      dropped: Mapping[str, str], base_prefix: str = "", dtype: Any = None) -> Any:
+    """Fill `skeleton` (a tree of ShapeDtypeStructs) from HF-named tensors.
+
+    Strict: every leaf must be found with the right shape and a floating dtype, and every
+    tensor must be used exactly once or match a `dropped` pattern (key regex -> reason).
+    `base_prefix`: if no key carries it (HF's bare-body checkpoints), it is added to every
+    key that no rule names without it, as HF's `from_pretrained` does.
+    `dtype`: cast leaves to it; None keeps the checkpoint dtype.
+    """
+    tensors = dict(tensors)
+    if base_prefix and tensors and not any(k.startswith(base_prefix) for k in tensors):
+        unprefixed = {r.hf for r in rules if not r.hf.startswith(base_prefix)}
+        tensors = {(k if k in unprefixed else base_prefix + k): v for k, v in tensors.items()}
+    by_path = {r.path: r for r in rules}
+    used: set[str] = set()
+    leaves = []
+    for path, spec in tree_paths(skeleton):
+        rule = by_path[path]
+        keys = [rule.hf.format(i=i) for i in range(spec.shape[0])] if "{i}" in rule.hf else [rule.hf]
+        per_key_shape = _hf_shape(spec.shape[1:] if "{i}" in rule.hf else spec.shape, rule)
+        parts = []
+        for key in keys:
+            if key not in tensors:
+                raise CheckpointError(f"missing tensor {key!r} (expected shape {list(per_key_shape)})")
+            array = tensors[key]
+            if tuple(array.shape) != per_key_shape:
+                raise CheckpointError(f"tensor {key!r} has shape {list(array.shape)}; expected {list(per_key_shape)}")
+            if not np.issubdtype(array.dtype, np.floating):
+                raise CheckpointError(f"tensor {key!r} has dtype {array.dtype}; expected a floating dtype")
+            used.add(key)
+            parts.append(np.swapaxes(array, -1, -2) if rule.transpose else array)
+        leaf = np.stack(parts) if "{i}" in rule.hf else parts[0]
+        leaves.append(jax.numpy.asarray(leaf, dtype=dtype or leaf.dtype))
+    for key in sorted(set(tensors) - used):
+        if not any(re.fullmatch(pattern, key) for pattern in dropped):
+            raise CheckpointError(f"unexpected tensor {key!r} (shape {list(tensors[key].shape)}) in checkpoint")
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(skeleton), leaves)
+
+
+def tensors_from_tree(tree: Any, rules: list[NameRule]) -> dict[str, np.ndarray]:
+    """The HF-named tensors of a param tree: the inverse of `tree_from_tensors`."""
+    by_path = {r.path: r for r in rules}
+    out = {}
+    for path, leaf in tree_paths(tree):
+        rule = by_path[path]
+        array = np.asarray(leaf)
+        if rule.transpose:
+            array = np.swapaxes(array, -1, -2)
+        if "{i}" in rule.hf:
+            for i in range(array.shape[0]):
+                out[rule.hf.format(i=i)] = np.ascontiguousarray(array[i])
+        else:
+            out[rule.hf] = np.ascontiguousarray(array)
+    return out
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a tree of arrays or ShapeDtypeStructs (nothing is allocated)."""
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))

@@ -1,0 +1,54 @@
+"""Masks and readable softmax attention, multi-head and grouped-query.
+
+Query head n uses key/value head n // (N // K) (GQA, HF `repeat_kv` order); K/V are never
+repeated in memory: the query heads are grouped instead, [B, T, K, G, H] with G = N // K.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def causal_mask(query_slots: jax.Array, num_slots: int) -> jax.Array:
+    """Which key slots each query may see: [T] query slots -> [T, S] bool (key slot <= query
+    slot). Query slots are 0.. without a cache and cache.length.. with one."""
+    return jnp.arange(num_slots)[None, :] <= query_slots[:, None]
+
+
+def mask_scores(scores: jax.Array, key_valid: jax.Array, causal: jax.Array | None) -> jax.Array:
+    """Apply padding and causal masks exactly as HF's eager attention does.
+
+    scores [B, N, T, S]; key_valid [B, S] (1 = real token); causal [T, S] or None.
+    HF adds `finfo.min` for a pad key and, on top, `finfo.min` for a future key, which
+    overflows to -inf. So a future key is never seen, and a query with no real key in
+    its past (a left-pad query) attends *uniformly to its past*: finite, never NaN.
+    """
+    lowest = jnp.asarray(jnp.finfo(scores.dtype).min, scores.dtype)
+    scores = jnp.where(key_valid[:, None, None, :], scores, lowest)
+    if causal is not None:
+        scores = jnp.where(causal, scores, -jnp.inf)
+    return scores
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, causal: jax.Array | None,
+                      scale: float, score_dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """softmax(mask(q k^T * scale)) v.
+
+    q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N; key_valid [B, S] bool;
+    causal [T, S] bool or None (bidirectional).
+    `score_dtype`: dtype of q k^T and the softmax; default: q's dtype promoted to at least
+    fp32 (softmax always accumulates in fp32 or wider). Probabilities are cast back to
+    v's dtype before the weighted sum, as HF does.
+    Returns (context [B, T, N, H], probs [B, N, T, S], scores [B, N, T, S] before masking).
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    score_dtype = score_dtype or jnp.promote_types(q.dtype, jnp.float32)
+    q_grouped = q.reshape(B, T, K, N // K, H).astype(score_dtype)  # [B, T, K, G, H]
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_grouped, k.astype(score_dtype)) * jnp.asarray(scale, score_dtype)
+    scores = scores.reshape(B, N, T, S)  # [B, N, T, S]
+    probs = jax.nn.softmax(mask_scores(scores, key_valid, causal), axis=-1).astype(v.dtype)
+    probs_grouped = probs.reshape(B, K, N // K, T, S)
+    context = jnp.einsum("bkgts,bskh->btkgh", probs_grouped, v).reshape(B, T, N, H)
+    return context, probs, scores

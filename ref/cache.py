@@ -1,0 +1,42 @@
+"""The KV cache: a value passed into a forward and returned updated, never stored.
+
+Shapes, once: keys and values are [L, B, S, K, H] with S the preallocated number of
+slots; `key_valid` [B, S] marks slots that hold a real (non-pad) token; `length` is how
+many slots are filled (the same for every row: padding is expressed by `key_valid`).
+A forward with a cache writes its T new tokens into slots [length, length + T) with
+`lax.dynamic_update_slice` and attends over all S slots; unfilled slots are excluded by
+the causal mask, because they lie after every query.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+
+class KVCache(eqx.Module):
+    keys: jax.Array  # [L, B, S, K, H]
+    values: jax.Array  # [L, B, S, K, H]
+    key_valid: jax.Array  # [B, S] bool
+    length: jax.Array  # [] int32
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+def init_cache(num_layers: int, batch: int, max_length: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+    shape = (num_layers, batch, max_length, kv_heads, head_dim)
+    return KVCache(
+        keys=jnp.zeros(shape, dtype),
+        values=jnp.zeros(shape, dtype),
+        key_valid=jnp.zeros((batch, max_length), bool),
+        length=jnp.zeros((), jnp.int32),
+    )
+
+
+def write_slots(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write new [B, T, ...] into buffer [B, S, ...] at slots [start, start + T)."""
+    index = (jnp.zeros((), jnp.int32), start.astype(jnp.int32)) + (jnp.zeros((), jnp.int32),) * (buffer.ndim - 2)
+    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), index)

@@ -1,0 +1,216 @@
+"""GPT-2 (Radford et al., 2019, "Language Models are Unsupervised Multitask Learners").
+
+Mirrors HF `transformers/models/gpt2/modeling_gpt2.py` with `attn_implementation="eager"`
+(the only HF path that honours `scale_attn_by_inverse_layer_idx` and
+`reorder_and_upcast_attn`). Reads top to bottom: embeddings -> attention -> MLP -> block
+-> stack (a `lax.scan` over stacked layers) -> heads -> `forward`.
+
+Pre-LayerNorm block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x));  final ln_f.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from params.config import GPT2Config
+from params.gpt2 import GPT2Block, GPT2Body, GPT2Params
+from ref import heads, losses, nn
+from ref.attention import causal_mask, softmax_attention
+from ref import cache as cache_lib
+from ref.cache import KVCache, write_slots
+
+
+def embed(p: GPT2Body, config: GPT2Config, input_ids, inputs_embeds, position_ids, token_type_ids):
+    """wte(input_ids) + wpe(position_ids) [+ wte(token_type_ids)]  (GPT-2 has no token-type
+    table: HF embeds token types with the *word* embedding). -> [B, T, D]"""
+    x = nn.embed(p.wte, input_ids) if inputs_embeds is None else inputs_embeds
+    x = x + nn.embed(p.wpe, position_ids)
+    if token_type_ids is not None:
+        x = x + nn.embed(p.wte, token_type_ids)
+    return x
+
+
+def attention(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal, kv_cache, start):
+    """Causal self-attention of one layer. x [B, T, D] (already ln_1-normed).
+
+    HF eager order: scores = q k^T / sqrt(H) [/ (layer_idx + 1)], masked with finfo.min,
+    softmax, probs @ v. `reorder_and_upcast_attn` computes scores and softmax in fp32
+    (we use max(dtype, fp32): HF *downcasts* an fp64 model here, see docs).
+    """
+    B, T, D = x.shape
+    N, H = config.n_head, config.head_dim
+    qkv = nn.linear(p.attn.c_attn, x)  # [B, T, 3D]
+    q, k, v = (t.reshape(B, T, N, H) for t in jnp.split(qkv, 3, axis=-1))  # [B, T, N, H]
+    if kv_cache is not None:  # attend over every cache slot, this step's keys written in
+        k = write_slots(kv_cache[0], k, start)  # [B, S, N, H]
+        v = write_slots(kv_cache[1], v, start)
+    scale = 1.0 / math.sqrt(H) if config.scale_attn_weights else 1.0
+    if config.scale_attn_by_inverse_layer_idx:
+        scale = scale / (layer_idx + 1).astype(x.dtype)
+    score_dtype = jnp.promote_types(x.dtype, jnp.float32) if config.reorder_and_upcast_attn else None
+    context, probs, scores = softmax_attention(q, k, v, key_valid, causal, scale, score_dtype)
+    out = nn.linear(p.attn.c_proj, context.reshape(B, T, D))
+    taps = {"attn.q": q, "attn.k": k, "attn.v": v, "attn.scores": scores, "attn.probs": probs,
+            "attn.context": context, "attn.c_proj": out}
+    return out, probs, (k, v), taps
+
+
+def mlp(p: GPT2Block, config: GPT2Config, x):
+    """c_proj(act(c_fc(x))). x [B, T, D] -> [B, T, D]."""
+    h = nn.linear(p.mlp.c_fc, x)  # [B, T, F]
+    a = nn.ACT2FN[config.activation_function](h)
+    out = nn.linear(p.mlp.c_proj, a)
+    return out, {"mlp.c_fc": h, "mlp.act": a, "mlp.c_proj": out}
+
+
+def block(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal, kv_cache=None, start=None):
+    """HF `GPT2Block` (pre-LN). p holds ONE layer's params (scan slices the stack)."""
+    eps = config.layer_norm_epsilon
+    h1 = nn.layer_norm(p.ln_1, x, eps)
+    attn_out, probs, new_kv, attn_taps = attention(p, config, h1, layer_idx, key_valid, causal, kv_cache, start)
+    x = x + attn_out
+    h2 = nn.layer_norm(p.ln_2, x, eps)
+    mlp_out, mlp_taps = mlp(p, config, h2)
+    out = x + mlp_out
+    taps = {"ln_1": h1, **attn_taps, "resid_attn": x, "ln_2": h2, **mlp_taps, "resid_mlp": out}
+    return out, probs, new_kv, taps
+
+
+def transformer(p: GPT2Body, config: GPT2Config, input_ids=None, attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, cache: KVCache | None = None, want_taps=False):
+    """HF `GPT2Model`: returns (last_hidden_state, hidden_states, attentions, new_cache, taps).
+
+    input_ids [B, T]; attention_mask [B, T] (1 = real token; padding anywhere).
+    Without a cache, positions default to 0..T-1 (as HF: *not* derived from the mask).
+    With a cache, the T tokens go into slots [cache.length, cache.length + T), positions
+    default to those slot numbers, and attention_mask covers only the new tokens.
+    """
+    B, T = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+    start = jnp.zeros((), jnp.int32) if cache is None else cache.length
+    slots = start + jnp.arange(T, dtype=jnp.int32)  # [T]
+    if position_ids is None:
+        position_ids = jnp.broadcast_to(slots, (B, T))
+    new_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+    key_valid = new_valid if cache is None else write_slots(cache.key_valid, new_valid, start)  # [B, S]
+    causal = causal_mask(slots, key_valid.shape[1])  # [T, S]
+
+    x = embed(p, config, input_ids, inputs_embeds, position_ids, token_type_ids)  # [B, T, D]
+    embed_x = x
+
+    def step(x, layer):
+        layer_params, layer_idx, kv = layer
+        x_in = x
+        x, probs, new_kv, taps = block(layer_params, config, x, layer_idx, key_valid, causal, kv, start)
+        return x, (x_in, probs, new_kv if cache is not None else None, taps if want_taps else None)
+
+    kv_stack = None if cache is None else (cache.keys, cache.values)
+    layer_ids = jnp.arange(config.n_layer, dtype=jnp.int32)
+    x, (block_inputs, attentions, new_kv, layer_taps) = jax.lax.scan(step, x, (p.h, layer_ids, kv_stack))
+    last = nn.layer_norm(p.ln_f, x, config.layer_norm_epsilon)
+    hidden_states = jnp.concatenate([block_inputs, last[None]], axis=0)  # [L + 1, B, T, D]
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(keys=new_kv[0], values=new_kv[1], key_valid=key_valid, length=start + T)
+    taps = None
+    if want_taps:
+        taps = {"embeddings": embed_x, **{f"h.{k}": v for k, v in layer_taps.items()}, "ln_f": last}
+    return last, hidden_states, attentions, new_cache, taps
+
+
+def validate_inputs(config: GPT2Config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                    cache, mc_token_ids=None):
+    """Clear errors before compute: shapes always; id ranges when values are concrete."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids or inputs_embeds")
+    shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+    if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.n_embd):
+        raise ValueError(f"inputs_embeds must be [batch, seq, {config.n_embd}], got {list(inputs_embeds.shape)}")
+    if len(shape) not in (2, 3) or 0 in shape:
+        raise ValueError(f"input_ids must be a non-empty [batch, seq] (or [batch, choices, seq]) array, got {list(shape)}")
+    if input_ids is not None:
+        nn.check_ids(input_ids, config.vocab_size, "input_ids")
+    for name, value in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                        ("position_ids", position_ids)):
+        if value is not None and tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {list(value.shape)}; input_ids has {list(shape)}")
+    nn.check_ids(token_type_ids, config.vocab_size, "token_type_ids")
+    nn.check_ids(position_ids, config.n_positions, "position_ids", "n_positions")
+    filled = 0 if cache is None else (int(cache.length) if nn.is_concrete(cache.length) else 0)
+    if position_ids is None and filled + shape[-1] > config.n_positions:
+        raise ValueError(f"sequence length {filled + shape[-1]} exceeds the position table (n_positions={config.n_positions})")
+    if cache is not None and filled + shape[-1] > cache.max_length:
+        raise ValueError(f"{shape[-1]} new tokens do not fit the cache ({filled} of {cache.max_length} slots used)")
+    if mc_token_ids is not None:
+        nn.check_ids(mc_token_ids, shape[-1], "mc_token_ids", "sequence length")
+
+
+def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_mask=None, token_type_ids=None,
+            position_ids=None, inputs_embeds=None, labels=None, mc_token_ids=None, mc_labels=None,
+            start_positions=None, end_positions=None, cache: KVCache | None = None, *,
+            output_hidden_states=False, output_attentions=False, taps=False) -> heads.Output:
+    """Any HF GPT-2 class, chosen by `config.architecture`; returns HF's output fields.
+
+    GPT2DoubleHeadsModel takes input_ids [B, C, T] (C choices) and mc_token_ids [B, C];
+    its logits are [B, C, T, V] and hidden states [L + 1, B, C, T, D], as HF reshapes them.
+    """
+    validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cache,
+                    mc_token_ids)
+    outer_shape = input_ids.shape[:-1] if input_ids is not None else inputs_embeds.shape[:-2]
+
+    def flat(x):  # [B, C, T] -> [B*C, T], as HF views multiple-choice inputs
+        return None if x is None else x.reshape(-1, x.shape[-1])
+
+    last, hidden_states, attentions, new_cache, tap_values = transformer(
+        params.transformer, config, flat(input_ids), flat(attention_mask), flat(token_type_ids),
+        flat(position_ids), inputs_embeds, cache, taps)
+    T, D = last.shape[1], last.shape[2]
+    last = last.reshape(*outer_shape, T, D)
+    out = dict(last_hidden_state=last, cache=new_cache, taps=tap_values,
+               hidden_states=hidden_states.reshape(-1, *outer_shape, T, D) if output_hidden_states else None,
+               attentions=attentions if output_attentions else None)
+
+    arch = config.architecture
+    if arch in ("GPT2LMHeadModel", "GPT2DoubleHeadsModel"):
+        if params.lm_head is None:
+            logits = jnp.einsum("...d,vd->...v", last, params.transformer.wte.table)
+        else:
+            logits = nn.linear(params.lm_head, last)
+        out["logits"] = logits
+        if labels is not None:
+            nn.check_ids(jnp.where(labels == losses.IGNORE_INDEX, 0, labels) if nn.is_concrete(labels) else labels,
+                         config.vocab_size, "labels")
+            out["loss"] = losses.causal_lm_loss(logits, labels)
+    if arch == "GPT2DoubleHeadsModel":
+        mc_logits = heads.sequence_summary(params.multiple_choice_head, last, mc_token_ids, config.summary_type,
+                                           config.summary_activation)
+        if mc_logits.shape[-1] == 1:  # HF `.squeeze(-1)`
+            mc_logits = mc_logits[..., 0]
+        out["mc_logits"] = mc_logits
+        if mc_labels is not None:
+            out["mc_loss"] = losses.cross_entropy(mc_logits.reshape(-1, mc_logits.shape[-1]), mc_labels.reshape(-1))
+    elif arch == "GPT2ForSequenceClassification":
+        token_logits = nn.linear(params.score, last)  # [B, T, num_labels]
+        index = heads.last_non_pad_index(input_ids, config.pad_token_id, last.shape[0])
+        logits = heads.pool_at(token_logits, index)  # [B, num_labels]
+        out["logits"] = logits
+        if labels is not None:
+            out["loss"] = losses.sequence_classification_loss(logits, labels, config.num_labels, config.problem_type)
+    elif arch == "GPT2ForTokenClassification":
+        logits = nn.linear(params.classifier, last)  # [B, T, num_labels]
+        out["logits"] = logits
+        if labels is not None:
+            out["loss"] = losses.cross_entropy(logits.reshape(-1, config.num_labels), labels.reshape(-1))
+    elif arch == "GPT2ForQuestionAnswering":
+        span = nn.linear(params.qa_outputs, last)  # [B, T, 2]
+        out["start_logits"], out["end_logits"] = span[..., 0], span[..., 1]
+        if start_positions is not None and end_positions is not None:
+            out["loss"] = losses.span_loss(span[..., 0], span[..., 1], start_positions, end_positions)
+    return heads.Output(**out)
+
+
+def init_cache(config: GPT2Config, batch: int, max_length: int, dtype) -> KVCache:
+    """An empty KV cache for `generate`: [L, B, max_length, N, H] keys and values."""
+    return cache_lib.init_cache(config.n_layer, batch, max_length, config.n_head, config.head_dim, dtype)
