@@ -9,11 +9,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ref.nn import accum_dtype
+
 
 def causal_mask(query_slots: jax.Array, num_slots: int) -> jax.Array:
     """Which key slots each query may see: [T] query slots -> [T, S] bool (key slot <= query
     slot). Query slots are 0.. without a cache and cache.length.. with one."""
-    return jnp.arange(num_slots)[None, :] <= query_slots[:, None]
+    return jnp.arange(num_slots, dtype=query_slots.dtype)[None, :] <= query_slots[:, None]
 
 
 def mask_scores(scores: jax.Array, key_valid: jax.Array, causal: jax.Array | None) -> jax.Array:
@@ -44,7 +46,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.A
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
-    score_dtype = score_dtype or jnp.promote_types(q.dtype, jnp.float32)
+    score_dtype = score_dtype or accum_dtype(q.dtype)
     q_grouped = q.reshape(B, T, K, N // K, H).astype(score_dtype)  # [B, T, K, G, H]
     scores = jnp.einsum("btkgh,bskh->bkgts", q_grouped, k.astype(score_dtype)) * jnp.asarray(scale, score_dtype)
     scores = scores.reshape(B, N, T, S)  # [B, N, T, S]

@@ -100,6 +100,8 @@ def _generate(params, input_ids, attention_mask, key, *, forward: Callable, init
         step_logits=step_logits,
     )
 
+    zero = jnp.zeros((), jnp.int32)  # dynamic_update_slice indices must share one int type
+
     def running(s):
         return (s["step"] < max_new_tokens) & ~jnp.all(s["finished"])
 
@@ -108,9 +110,9 @@ def _generate(params, input_ids, attention_mask, key, *, forward: Callable, init
         token = next_token(s["logits"], sampling, sample_key)
         token = jnp.where(s["finished"], pad_token_id, token)
         finished = s["finished"] if eos_token_id is None else s["finished"] | (token == eos_token_id)
-        sequences = jax.lax.dynamic_update_slice(s["sequences"], token[:, None], (0, T0 + s["step"]))
+        sequences = jax.lax.dynamic_update_slice(s["sequences"], token[:, None], (zero, T0 + s["step"]))
         if return_logits:
-            step_logits = jax.lax.dynamic_update_slice(s["step_logits"], s["logits"][:, None], (0, s["step"], 0))
+            step_logits = jax.lax.dynamic_update_slice(s["step_logits"], s["logits"][:, None], (zero, s["step"], zero))
         else:
             step_logits = s["step_logits"]
         out = forward(params, config, token[:, None], jnp.ones((B, 1), jnp.int32),

@@ -50,7 +50,7 @@ def attention(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal,
     scale = 1.0 / math.sqrt(H) if config.scale_attn_weights else 1.0
     if config.scale_attn_by_inverse_layer_idx:
         scale = scale / (layer_idx + 1).astype(x.dtype)
-    score_dtype = jnp.promote_types(x.dtype, jnp.float32) if config.reorder_and_upcast_attn else None
+    score_dtype = nn.accum_dtype(x.dtype) if config.reorder_and_upcast_attn else None
     context, probs, scores = softmax_attention(q, k, v, key_valid, causal, scale, score_dtype)
     out = nn.linear(p.attn.c_proj, context.reshape(B, T, D))
     taps = {"attn.q": q, "attn.k": k, "attn.v": v, "attn.scores": scores, "attn.probs": probs,

@@ -12,11 +12,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ref.nn import accum_dtype
+
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss default, HF's label padding value
 
 
 def _upcast(x: jax.Array) -> jax.Array:
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x.astype(accum_dtype(x.dtype))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:

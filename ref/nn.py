@@ -16,6 +16,11 @@ import numpy as np
 from params.common import Embedding, LayerNorm, Linear
 
 
+def accum_dtype(dtype) -> jnp.dtype:
+    """The dtype softmax, norms and losses accumulate in: fp32, or fp64 for fp64 inputs."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
 def linear(p: Linear, x: jax.Array) -> jax.Array:
     """`x @ kernel + bias`; kernel is [in, out] (HF Conv1D layout)."""
     y = jnp.einsum("...i,io->...o", x, p.kernel)
@@ -27,7 +32,7 @@ def layer_norm(p: LayerNorm, x: jax.Array, eps: float) -> jax.Array:
 
     Statistics accumulate in at least fp32 (a bf16 input is upcast, fp64 stays fp64)."""
     dtype = x.dtype
-    x = x.astype(jnp.promote_types(dtype, jnp.float32))
+    x = x.astype(accum_dtype(dtype))
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + eps)

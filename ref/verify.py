@@ -1,0 +1,140 @@
+"""Golden-case verification: run refjax on every golden case and compare with HF's tensors.
+
+Used by `refjax verify` and by the golden tests (tests/test_golden.py). A golden case is a
+directory written by tools/make_golden.py: an HF checkpoint plus `golden.safetensors`
+holding the inputs and HF's outputs under `{dtype}/{field}` (see docs/golden.md).
+
+Tolerances (a row is ok when max|ours - hf| <= tol * max(max|hf|, 1)):
+  float32: 1e-5, float64: 1e-12; token ids: exact.
+Stated exceptions, each an HF behaviour rather than ours:
+  - HF's causal-LM loss runs `logits.float()`, downcasting an fp64 model's loss to fp32;
+    float64 LM losses are therefore compared at the float32 tolerance.
+Outputs are compared at every position, padded ones included: refjax reproduces HF's
+masking of fully padded rows (see ref/attention.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from params import checkpoint as checkpoint_lib
+from params import io
+from params import tokenizer as tokenizer_lib
+from ref import families
+
+TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels",
+               "mc_token_ids", "mc_labels", "start_positions", "end_positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    case: str
+    dtype: str
+    field: str
+    max_abs: float
+    max_rel: float
+    tol: float
+    ok: bool
+    note: str = ""
+
+
+def compare(case: str, dtype: str, field: str, ours: Any, ref: np.ndarray, tol: float, note: str = "") -> Row:
+    ours = np.asarray(ours)
+    if ours.shape != ref.shape and ours.size == ref.size:
+        ours = ours.reshape(ref.shape)  # HF returns some multiple-choice tensors flattened
+    if ours.shape != ref.shape:
+        return Row(case, dtype, field, float("inf"), float("inf"), tol, False,
+                   f"shape {list(ours.shape)} vs HF {list(ref.shape)}")
+    if ref.size == 0:
+        return Row(case, dtype, field, 0.0, 0.0, tol, True, note)
+    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+    max_abs = float(np.max(diff)) if np.all(np.isfinite(diff)) else float("inf")
+    scale = float(np.max(np.abs(ref.astype(np.float64))))
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    return Row(case, dtype, field, max_abs, max_rel, tol, max_abs <= tol * max(scale, 1.0), note)
+
+
+def golden_cases(golden_dir: str) -> list[str]:
+    """Case directories (relative to golden_dir) listed in MANIFEST.json."""
+    manifest = os.path.join(golden_dir, "MANIFEST.json")
+    if not os.path.isfile(manifest):
+        raise FileNotFoundError(f"no MANIFEST.json in golden directory {golden_dir!r}")
+    with open(manifest, encoding="utf-8") as f:
+        return sorted(json.load(f)["cases"])
+
+
+def run_case(golden_dir: str, case: str) -> Iterator[Row]:
+    """Compare every recorded HF output of one case; yields one Row per tensor."""
+    case_dir = os.path.join(golden_dir, case)
+    golden, metadata = io.read_safetensors(os.path.join(case_dir, "golden.safetensors"))
+    dtypes = sorted({k.split("/")[0] for k in golden if "/" in k})
+    for dtype in dtypes:
+        ckpt = checkpoint_lib.load_checkpoint(case_dir, dtype=jnp.dtype(dtype))
+        family = families.FAMILIES[ckpt.family]
+        inputs = {k: jnp.asarray(golden[k]) for k in INPUT_NAMES if k in golden}
+        if "inputs_embeds" in inputs:
+            inputs["inputs_embeds"] = inputs["inputs_embeds"].astype(dtype)
+        with jax.default_matmul_precision("highest"):
+            out = family.forward(ckpt.params, ckpt.config, **inputs, output_hidden_states=True,
+                                 output_attentions=True)
+        for key in sorted(k for k in golden if k.startswith(dtype + "/")):
+            field = key.split("/", 1)[1]
+            name, _, index = field.partition(".")
+            ours = getattr(out, name)
+            if index:
+                ours = ours[int(index)]
+            tol, note = TOLERANCE[dtype], ""
+            if name == "loss" and dtype == "float64" and golden[key].dtype == np.float32:
+                tol, note = TOLERANCE["float32"], "HF computes this loss in fp32"
+            yield compare(case, dtype, field, ours, np.asarray(golden[key]), tol, note)
+    if "generate.sequences" in golden:
+        yield from _check_generation(golden_dir, case, golden)
+    if "texts" in metadata:
+        yield from _check_tokenizer(case_dir, case, golden, json.loads(metadata["texts"]))
+
+
+def _check_generation(golden_dir: str, case: str, golden) -> Iterator[Row]:
+    """Greedy tokens must equal HF's exactly; the cached step logits must equal HF's full
+    forward over the generated sequence (cached decoding == full forward)."""
+    ckpt = checkpoint_lib.load_checkpoint(os.path.join(golden_dir, case), dtype=jnp.float32)
+    family = families.FAMILIES[ckpt.family]
+    prompt = golden["generate.input_ids"]
+    expected = np.asarray(golden["generate.sequences"])
+    new_tokens = expected.shape[1] - prompt.shape[1]
+    with jax.default_matmul_precision("highest"):
+        sequences, step_logits = family.generate(
+            ckpt.params, ckpt.config, prompt, golden["generate.attention_mask"], max_new_tokens=new_tokens,
+            return_logits=True)
+    sequences = np.asarray(sequences)
+    if sequences.shape != expected.shape:
+        yield Row(case, "float32", "generate.sequences", float("inf"), float("inf"), 0.0, False,
+                  f"shape {list(sequences.shape)} vs HF {list(expected.shape)}")
+        return
+    yield compare(case, "float32", "generate.sequences", sequences, expected, 0.0)
+    full_logits = np.asarray(golden["generate.logits"])[:, prompt.shape[1] - 1: -1]
+    yield compare(case, "float32", "generate.step_logits", step_logits, full_logits, TOLERANCE["float32"],
+                  "cached decoding vs HF full forward")
+
+
+def _check_tokenizer(case_dir: str, case: str, golden, texts: list[str]) -> Iterator[Row]:
+    tokenizer = tokenizer_lib.load_tokenizer(case_dir)
+    for i, text in enumerate(texts):
+        ours = np.asarray(tokenizer_lib.encode(tokenizer, text), dtype=np.int64)
+        yield compare(case, "ids", f"text.ids.{i}", ours, np.asarray(golden[f"text.ids.{i}"]), 0.0)
+
+
+def format_table(rows: list[Row]) -> str:
+    header = f"{'case':<28} {'dtype':<8} {'field':<22} {'max abs err':>12} {'max rel err':>12} {'tol':>8}  ok"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r.case:<28} {r.dtype:<8} {r.field:<22} {r.max_abs:>12.3e} {r.max_rel:>12.3e} "
+                     f"{r.tol:>8.0e}  {'ok' if r.ok else 'FAIL'}{'  (' + r.note + ')' if r.note else ''}")
+    return "\n".join(lines)

@@ -1,0 +1,28 @@
+"""Test-wide JAX settings and shared fixtures.
+
+- fp64 is enabled so golden tests can run the float64 tier (arrays stay float32 unless
+  a test asks for float64: every array we create states its dtype).
+- rank promotion stays allowed: every norm and bias adds a [D] vector to [..., D]
+  activations, and spelling each `[None, None, :]` out hides the math. Shapes are
+  checked instead by the golden tests, which compare full output shapes.
+- `jax_numpy_dtype_promotion="strict"` makes silent dtype mixing (fp32 * fp64) an error.
+- matmuls run at "highest" precision, so results never depend on TF32/bf16 passes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+GOLDEN = os.path.join(ROOT, "golden")
+DATA = os.path.join(ROOT, "tests", "data")

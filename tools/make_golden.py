@@ -1,0 +1,676 @@
+#!/usr/bin/env python
+"""Generate refjax golden tensors from the Hugging Face reference implementation.
+
+Usage:
+    python tools/make_golden.py [--out golden] [--only PATTERN ...]
+
+Every case builds a small, seeded, randomly initialised Hugging Face model, saves it
+in real HF format (config.json + model.safetensors, tokenizer files where the case
+has them) under ``<out>/<family>/<case>/`` and records inputs and every output HF
+returns, in float32 and float64, in ``golden.safetensors`` next to it. Finally
+``<out>/MANIFEST.json`` lists the generator's versions, the cases and the sha256 of
+every file.
+
+The output is deterministic: running the script twice gives byte-identical files.
+It needs the pinned reference stack (torch 2.13.0, transformers 4.57.6).
+
+Adding a family: write a table of variants and a builder ``build(name, variant,
+case_dir) -> CaseInfo`` that writes the case files into ``case_dir``, then register
+each variant in ``CASES`` (see ``register_gpt2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import functools
+import hashlib
+import inspect
+import json
+import os
+import platform
+import shutil
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REQUIRED_TRANSFORMERS = "4.57.6"
+REQUIRED_TORCH = "2.13.0"
+SCRIPT = "tools/make_golden.py"
+DTYPES = ("float32", "float64")
+
+
+def check_versions() -> None:
+    """Exit with a clear message unless the pinned reference stack is installed."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        sys.exit(f"make_golden: needs torch=={REQUIRED_TORCH} and transformers=={REQUIRED_TRANSFORMERS} "
+                 f"(pip install '.[reference]'): {e}")
+    problems = []
+    if transformers.__version__ != REQUIRED_TRANSFORMERS:
+        problems.append(f"transformers=={REQUIRED_TRANSFORMERS} (found {transformers.__version__})")
+    if not torch.__version__.startswith(REQUIRED_TORCH):
+        problems.append(f"torch=={REQUIRED_TORCH} (found {torch.__version__})")
+    if problems:
+        sys.exit("make_golden: golden tensors must come from the pinned reference stack; need "
+                 + " and ".join(problems) + ". Install the 'reference' extra.")
+
+
+# torch and transformers are imported inside functions; main() checks their versions first.
+import numpy as np  # noqa: E402
+import safetensors  # noqa: E402
+import safetensors.numpy  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------
+# Small utilities: seeds, atomic writes, canonical safetensors
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CaseInfo:
+    """What MANIFEST.json records about a case."""
+    family: str
+    architecture: str
+    description: str
+
+
+def case_seed(name: str) -> int:
+    """A stable per-case seed (Python's hash() is salted per process; crc32 is not)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory + os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """Serialise with safetensors.numpy, then make the header canonical.
+
+    safetensors keeps ``__metadata__`` in a Rust HashMap, so with several metadata keys
+    their order (and hence the file bytes) changes from run to run. We re-emit the
+    header with the metadata keys sorted; tensor entries and data are untouched.
+    """
+    raw = safetensors.numpy.save({k: np.array(v, order="C", copy=True) for k, v in tensors.items()},
+                                 metadata=metadata)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    out = struct.pack("<Q", len(text)) + text + data
+    # Round trip: same tensors, same metadata.
+    back = safetensors.numpy.load(out)
+    assert back.keys() == tensors.keys() and all(
+        back[k].dtype == tensors[k].dtype and np.array_equal(back[k], tensors[k]) for k in tensors)
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer (shared by the GPT-2 LM cases)
+# --------------------------------------------------------------------------------------
+
+TOKENIZER_VOCAB_SIZE = 320
+ENDOFTEXT = "<|endoftext|>"
+ENDOFTEXT_ID = 319
+
+TOKENIZER_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, world! Hello again, world. Goodbye, world?",
+    "It was the best of times, it was the worst of times, it was the age of wisdom.",
+    "In the beginning the Universe was created. This has made a lot of people very angry.",
+    "A tokenizer splits text into tokens; the model then maps each token to a vector.",
+    "Numbers like 12, 345 and 6789 appear in the text too: 3.14159 and 2.71828.",
+    "  leading spaces,\ttabs\tand\nnew\nlines matter for byte-level BPE.",
+    "Naïve café, déjà vu, Straße, Ørsted, façade, jalapeño, résumé.",
+    "東京タワー と 富士山。 Привет, мир! Γειά σου κόσμε. مرحبا بالعالم",
+    "Emoji: 😀 😃 🎉 👍🏽 ❤️ 👨‍👩‍👧 🚀 and symbols € £ ¥ © ™ → ≠ ∞.",
+] * 4
+
+# Texts whose HF token ids are recorded (English, spaces, punctuation, unicode, emoji).
+TOKENIZER_TEXTS = [
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog.",
+    " leading space and trailing space ",
+    "multiple   spaces\tand\ttabs\nnew line\n\n",
+    "Punctuation: (a), [b]; {c}? \"quoted\" 'single' -- dash... !?",
+    "Naïve café déjà vu, Straße, 東京タワー, Привет",
+    "emoji 😀🎉👍🏽 and ZWJ 👨‍👩‍👧 plus €100",
+    "text with a special token <|endoftext|> in the middle",
+    "unseen words: xylophone quizzical zephyr",
+    "",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def train_bpe_tokenizer():
+    """Train the tiny byte-level BPE (320 ids: 256 bytes + 63 merges + <|endoftext|>=319)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE - 1,  # the special token is appended afterwards
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+    )
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    tok.add_special_tokens([ENDOFTEXT])
+    if tok.get_vocab_size() != TOKENIZER_VOCAB_SIZE or tok.token_to_id(ENDOFTEXT) != ENDOFTEXT_ID:
+        raise RuntimeError(
+            f"tokenizer training gave vocab size {tok.get_vocab_size()} and {ENDOFTEXT} id "
+            f"{tok.token_to_id(ENDOFTEXT)}; need {TOKENIZER_VOCAB_SIZE} and {ENDOFTEXT_ID}")
+    return tok
+
+
+def save_gpt2_tokenizer(case_dir: Path, fmt: str) -> None:
+    """Save the BPE tokenizer as tokenizer.json ("json") or vocab.json + merges.txt ("vocab-merges")."""
+    from transformers import GPT2Tokenizer, GPT2TokenizerFast
+
+    tok = train_bpe_tokenizer()
+    special = dict(bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, unk_token=ENDOFTEXT)
+    if fmt == "json":
+        fast = GPT2TokenizerFast(tokenizer_object=tok, **special)
+        fast.save_pretrained(case_dir, legacy_format=False)  # tokenizer.json only, no vocab/merges
+    elif fmt == "vocab-merges":
+        # Like the original GPT-2 files: vocab.json holds every id, special token included.
+        with tempfile.TemporaryDirectory() as tmp:
+            vocab = dict(sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]))
+            (Path(tmp) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+            merges = json.loads(tok.to_str())["model"]["merges"]
+            lines = ["#version: 0.2"] + [" ".join(m) if isinstance(m, list) else m for m in merges]
+            (Path(tmp) / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            slow = GPT2Tokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), **special)
+            slow.save_pretrained(case_dir)
+        (case_dir / "tokenizer.json").unlink(missing_ok=True)
+    else:
+        raise ValueError(f"unknown tokenizer format {fmt!r}")
+
+
+def tokenizer_goldens(case_dir: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Encode TOKENIZER_TEXTS with AutoTokenizer from case_dir; cross-check slow/fast/raw."""
+    from transformers import AutoTokenizer
+
+    fast = AutoTokenizer.from_pretrained(case_dir)
+    others = [(train_bpe_tokenizer(), "tokenizers")]
+    if (case_dir / "vocab.json").exists():  # the slow tokenizer cannot read tokenizer.json
+        others.append((AutoTokenizer.from_pretrained(case_dir, use_fast=False), "slow tokenizer"))
+    out = {}
+    for i, text in enumerate(TOKENIZER_TEXTS):
+        ids = fast(text)["input_ids"]
+        for tok, who in others:
+            other = tok.encode(text).ids if who == "tokenizers" else tok(text)["input_ids"]
+            if other != ids:
+                raise RuntimeError(f"{case_dir}: {who} disagrees with the fast tokenizer on {text!r}")
+        if fast.decode(ids) != text:
+            raise RuntimeError(f"{case_dir}: decode(encode({text!r})) = {fast.decode(ids)!r}")
+        out[f"text.ids.{i}"] = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return out, list(TOKENIZER_TEXTS)
+
+
+# --------------------------------------------------------------------------------------
+# GPT-2
+# --------------------------------------------------------------------------------------
+
+# Small sizes keep golden/ small (about 100 KiB a case); the two tokenizer cases need the
+# tokenizer's 320 ids; the layer-index cases use 3 layers so the 1/(layer+1) scale varies more.
+GPT2_BASE_CONFIG = dict(
+    vocab_size=64, n_positions=48, n_embd=16, n_layer=2, n_head=2,
+    layer_norm_epsilon=1e-5, bos_token_id=63, eos_token_id=63, initializer_range=0.2,
+)
+TOKENIZER_CONFIG = dict(vocab_size=TOKENIZER_VOCAB_SIZE, bos_token_id=ENDOFTEXT_ID, eos_token_id=ENDOFTEXT_ID)
+LM = "GPT2LMHeadModel"
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Variant:
+    """One GPT-2 case: HF class, config overrides, which inputs and labels it gets."""
+    architecture: str
+    description: str
+    config: dict = dataclasses.field(default_factory=dict)
+    inputs: str = "ids"            # ids | extras | embeds | choices
+    labels: str | None = None      # lm | choices | seqcls-single | seqcls-regression | ...
+    tokenizer: str | None = None   # None | json | vocab-merges
+
+    @property
+    def generate(self) -> bool:
+        return self.architecture == LM
+
+
+def _lm(description: str, **config) -> GPT2Variant:
+    return GPT2Variant(LM, description, dict(pad_token_id=0, **config), labels="lm")
+
+
+GPT2_ACTIVATIONS = ["gelu", "relu", "silu", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "tanh", "sigmoid"]
+
+GPT2_VARIANTS: dict[str, GPT2Variant] = {
+    "model": GPT2Variant("GPT2Model", "GPT2Model base: input_ids + padded attention_mask, activation gelu_new"),
+    "model-extras": GPT2Variant(
+        "GPT2Model", "GPT2Model with token_type_ids (embedded with wte) and explicit mask-derived position_ids",
+        inputs="extras"),
+    "model-embeds": GPT2Variant(
+        "GPT2Model", "GPT2Model called with inputs_embeds + attention_mask instead of input_ids",
+        inputs="embeds"),
+    "lm": GPT2Variant(
+        LM, "GPT2LMHeadModel with LM loss (labels with -100), tokenizer.json, greedy generation",
+        dict(pad_token_id=0, **TOKENIZER_CONFIG), labels="lm", tokenizer="json"),
+    "lm-vocab-merges": GPT2Variant(
+        LM, "GPT2LMHeadModel like lm (other seed); tokenizer as vocab.json + merges.txt",
+        dict(pad_token_id=0, **TOKENIZER_CONFIG), labels="lm", tokenizer="vocab-merges"),
+    "lm-inverse-layer-idx": _lm("GPT2LMHeadModel with scale_attn_by_inverse_layer_idx=True",
+                                scale_attn_by_inverse_layer_idx=True, n_layer=3),
+    "lm-upcast": _lm("GPT2LMHeadModel with reorder_and_upcast_attn=True (HF fails in float64)",
+                     reorder_and_upcast_attn=True),
+    "lm-inverse-upcast": _lm("GPT2LMHeadModel with scale_attn_by_inverse_layer_idx and reorder_and_upcast_attn",
+                             scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True, n_layer=3),
+    "lm-noscale": _lm("GPT2LMHeadModel with scale_attn_weights=False (no 1/sqrt(head_dim))",
+                      scale_attn_weights=False),
+    "lm-untied": _lm("GPT2LMHeadModel with tie_word_embeddings=False (lm_head.weight stored)",
+                     tie_word_embeddings=False),
+    "lm-n-inner": _lm("GPT2LMHeadModel with n_inner=24 (MLP width not 4*n_embd)", n_inner=24),
+    **{f"lm-act-{act}": _lm(f"GPT2LMHeadModel with activation_function={act}", activation_function=act)
+       for act in GPT2_ACTIVATIONS},
+    "double-heads": GPT2Variant(
+        "GPT2DoubleHeadsModel",
+        "GPT2DoubleHeadsModel: LM + multiple-choice head (cls_index, projection to 1 label, tanh), both losses",
+        dict(summary_type="cls_index", summary_use_proj=True, summary_proj_to_labels=True, num_labels=1,
+             summary_activation="tanh"),
+        inputs="choices", labels="choices"),
+    "double-heads-noproj": GPT2Variant(
+        "GPT2DoubleHeadsModel",
+        "GPT2DoubleHeadsModel, cls_index summary without projection or activation (mc_logits are hidden-sized)",
+        dict(summary_type="cls_index", summary_use_proj=False, summary_activation=None),
+        inputs="choices", labels="choices"),
+    "seqcls-single": GPT2Variant(
+        "GPT2ForSequenceClassification",
+        "GPT2ForSequenceClassification, 3 labels, problem_type inferred single_label from int labels, "
+        "pooling at the last non-pad token",
+        dict(num_labels=3, pad_token_id=0), labels="seqcls-single"),
+    "seqcls-regression": GPT2Variant(
+        "GPT2ForSequenceClassification",
+        "GPT2ForSequenceClassification, 1 label, problem_type inferred regression (MSE)",
+        dict(num_labels=1, pad_token_id=0), labels="seqcls-regression"),
+    "seqcls-multilabel": GPT2Variant(
+        "GPT2ForSequenceClassification",
+        "GPT2ForSequenceClassification, 4 labels, multi_label_classification (BCE with logits)",
+        dict(num_labels=4, pad_token_id=0, problem_type="multi_label_classification"),
+        labels="seqcls-multilabel"),
+    "tokcls": GPT2Variant(
+        "GPT2ForTokenClassification", "GPT2ForTokenClassification, 5 labels, labels with -100",
+        dict(num_labels=5), labels="tokcls"),
+    "qa": GPT2Variant(
+        "GPT2ForQuestionAnswering",
+        "GPT2ForQuestionAnswering with start/end positions, one beyond seq_len (clamped and ignored by HF)",
+        labels="qa"),
+}
+
+# Default inputs: batch 4 x seq 12. Rows: all real, right-padded, left-padded, masked run in the middle.
+BATCH, SEQ = 4, 12
+
+
+def default_attention_mask() -> np.ndarray:
+    mask = np.ones((BATCH, SEQ), dtype=np.int64)
+    mask[1, -4:] = 0
+    mask[2, :3] = 0
+    mask[3, 4:7] = 0
+    return mask
+
+
+def masked_ids(rng: np.random.Generator, mask: np.ndarray, vocab: int) -> np.ndarray:
+    """Real ids from [1, vocab); pad (0) where mask is 0."""
+    return np.where(mask == 1, rng.integers(1, vocab, size=mask.shape), 0).astype(np.int64)
+
+
+def hf_position_ids(mask: np.ndarray) -> np.ndarray:
+    """position_ids as HF generate builds them: cumsum(mask)-1, masked positions set to 1."""
+    pos = np.cumsum(mask, axis=-1) - 1
+    return np.where(mask == 0, 1, pos).astype(np.int64)
+
+
+def token_labels(rng: np.random.Generator, values: np.ndarray, mask: np.ndarray, n_ignored: int) -> np.ndarray:
+    """values with -100 at every padded position and at n_ignored random real positions."""
+    labels = np.where(mask == 1, values, -100).astype(np.int64)
+    real = np.argwhere(mask.reshape(-1) == 1).reshape(-1)
+    labels.reshape(-1)[rng.choice(real, size=n_ignored, replace=False)] = -100
+    return labels
+
+
+def gpt2_inputs(v: GPT2Variant, rng: np.random.Generator, cfg) -> dict[str, np.ndarray]:
+    """Forward inputs (HF keyword names) for a variant, as numpy arrays."""
+    vocab = cfg.vocab_size
+    x: dict[str, np.ndarray] = {}
+    if v.inputs == "choices":
+        # [batch=2, choices=3, seq=10]; mostly right padding, one left-padded choice.
+        lengths = np.array([[10, 7, 4], [9, 10, 6]])
+        mask = (np.arange(10)[None, None, :] < lengths[..., None]).astype(np.int64)
+        mask[1, 2] = mask[1, 2, ::-1].copy()  # left-padded choice
+        x["input_ids"] = masked_ids(rng, mask, vocab)
+        x["attention_mask"] = mask
+        # index of the last real token of each choice
+        x["mc_token_ids"] = (9 - np.argmax(mask[..., ::-1], axis=-1)).astype(np.int64)
+    else:
+        mask = default_attention_mask()
+        if v.inputs == "embeds":
+            x["inputs_embeds"] = rng.standard_normal((BATCH, SEQ, cfg.n_embd))  # float64
+        else:
+            x["input_ids"] = masked_ids(rng, mask, vocab)
+        x["attention_mask"] = mask
+        if v.inputs == "extras":
+            x["token_type_ids"] = rng.integers(0, vocab, size=mask.shape).astype(np.int64)
+            x["position_ids"] = hf_position_ids(mask)
+
+    if v.labels in ("lm", "choices"):
+        x["labels"] = token_labels(rng, x["input_ids"], mask, n_ignored=3)
+    if v.labels == "choices":
+        x["mc_labels"] = rng.integers(0, 3, size=(2,)).astype(np.int64)
+    elif v.labels == "seqcls-single":
+        x["labels"] = rng.integers(0, cfg.num_labels, size=(BATCH,)).astype(np.int64)
+    elif v.labels == "seqcls-regression":
+        x["labels"] = rng.standard_normal((BATCH,))  # float64
+    elif v.labels == "seqcls-multilabel":
+        x["labels"] = rng.integers(0, 2, size=(BATCH, cfg.num_labels)).astype(np.float64)
+    elif v.labels == "tokcls":
+        x["labels"] = token_labels(rng, rng.integers(0, cfg.num_labels, size=mask.shape), mask, n_ignored=3)
+    elif v.labels == "qa":
+        x["start_positions"] = np.array([2, 0, SEQ + 5, 7], dtype=np.int64)   # SEQ+5 is clamped + ignored
+        x["end_positions"] = np.array([5, SEQ - 1, 9, SEQ + 2], dtype=np.int64)
+    return x
+
+
+def gpt2_generate_prompts(rng: np.random.Generator, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompt batch [3, 7]: full, padded by 2, padded by 4 (pad id 0)."""
+    mask = np.ones((3, 7), dtype=np.int64)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    return masked_ids(rng, mask, vocab), mask
+
+
+def reinit_gpt2(model, seed: int) -> None:
+    """Re-initialise every parameter so that attention is peaked and every flag shows.
+
+    Linear/Conv1D weights and biases ~ N(0, 0.2); LayerNorm weight ~ 1 + N(0, 0.2),
+    bias ~ N(0, 0.2); wte/wpe ~ N(0, 0.5). Tied weights stay tied (lm_head <- wte).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied parameters appear once
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if isinstance(owner, torch.nn.Embedding):
+                p.copy_(0.5 * noise)
+            elif isinstance(owner, torch.nn.LayerNorm) and name.endswith(".weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.2 * noise)
+    model.tie_weights()
+    lm_head = getattr(model, "lm_head", None)
+    tied = lm_head is not None and lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    if lm_head is not None and tied != model.config.tie_word_embeddings:
+        raise RuntimeError(f"lm_head tied={tied} but config.tie_word_embeddings={model.config.tie_word_embeddings}")
+
+
+def to_numpy(t) -> np.ndarray:
+    return t.detach().cpu().numpy().copy()
+
+
+def run_forward(model, inputs: dict[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
+    """One no-grad forward with all outputs; floating inputs cast to ``dtype``."""
+    import torch
+
+    kwargs = {}
+    for k, v in inputs.items():
+        t = torch.from_numpy(v)
+        kwargs[k] = t.to(dtype) if t.is_floating_point() else t
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False  # no past_key_values in the outputs
+    with torch.no_grad():
+        out = model(**kwargs, output_hidden_states=True, output_attentions=True, return_dict=True)
+    arrays = {}
+    for field, value in out.items():
+        if isinstance(value, torch.Tensor):
+            arrays[field] = to_numpy(value)
+        elif isinstance(value, tuple):
+            for i, t in enumerate(value):
+                arrays[f"{field}.{i}"] = to_numpy(t)
+        else:
+            raise TypeError(f"unexpected output field {field}: {type(value).__name__}")
+    return arrays
+
+
+def run_generate(model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, pad: int, eos: int,
+                 max_new_tokens: int = 10) -> dict[str, np.ndarray]:
+    """Greedy generate (HF KV cache), plus full-forward logits of the result for cache checks."""
+    import torch
+
+    ids, mask = torch.from_numpy(prompt_ids), torch.from_numpy(prompt_mask)
+    with torch.no_grad():
+        seq = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=1, pad_token_id=pad, eos_token_id=eos)
+        full_mask = torch.cat([mask, torch.ones(seq.shape[0], seq.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+        pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)
+        logits = model(seq, attention_mask=full_mask, position_ids=pos, use_cache=False).logits
+    return {
+        "generate.input_ids": prompt_ids,
+        "generate.attention_mask": prompt_mask,
+        "generate.sequences": to_numpy(seq),
+        # full forward over the returned sequences (mask = prompt mask + ones)
+        "generate.logits": to_numpy(logits),
+    }
+
+
+def build_gpt2(name: str, v: GPT2Variant, case_dir: Path) -> CaseInfo:
+    """Build, save and record one GPT-2 case into case_dir."""
+    import torch
+    import transformers
+
+    seed = case_seed(name)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    cfg = transformers.GPT2Config(**{**GPT2_BASE_CONFIG, **v.config})
+    act = cfg.activation_function
+    if act not in transformers.activations.ACT2FN:
+        raise KeyError(f"activation {act!r} is not in transformers.activations.ACT2FN")
+    model = getattr(transformers, v.architecture)._from_config(cfg, attn_implementation="eager")
+    model.eval()
+    reinit_gpt2(model, seed)
+    model.save_pretrained(case_dir, safe_serialization=True)  # before any forward: seq-cls mutates problem_type
+    if v.tokenizer:
+        save_gpt2_tokenizer(case_dir, v.tokenizer)
+
+    inputs = gpt2_inputs(v, rng, cfg)
+    notes = []
+    # GPT2DoubleHeads without projection: mc_logits are [batch, choices, hidden], so the
+    # CrossEntropy over mc_labels [batch] has mismatched batch sizes and HF raises.
+    if v.labels == "choices" and not cfg.summary_use_proj:
+        try:
+            run_forward(model, inputs, torch.float32)
+        except ValueError as e:
+            del inputs["mc_labels"]
+            notes.append(f"mc_labels dropped: HF raises {type(e).__name__}: {e}")
+
+    record: dict[str, np.ndarray] = dict(inputs)
+    meta_extra: dict[str, str] = {}
+    if v.tokenizer:
+        ids, texts = tokenizer_goldens(case_dir)
+        record.update(ids)
+        meta_extra["texts"] = json.dumps(texts, ensure_ascii=False)
+
+    for dtype_name in DTYPES:
+        dtype = getattr(torch, dtype_name)
+        model.to(dtype)
+        try:
+            outputs = run_forward(model, inputs, dtype)
+        except RuntimeError as e:
+            if dtype_name == "float64" and cfg.reorder_and_upcast_attn:
+                notes.append(f"no float64 outputs: HF raises RuntimeError with reorder_and_upcast_attn: {e}")
+                continue
+            raise
+        record.update({f"{dtype_name}/{k}": a for k, a in outputs.items()})
+        if dtype_name == "float32" and v.generate:
+            prompt_ids, prompt_mask = gpt2_generate_prompts(rng, cfg.vocab_size)
+            record.update(run_generate(model, prompt_ids, prompt_mask, pad=0, eos=cfg.eos_token_id))
+
+    metadata = {
+        "case": name, "family": "gpt2", "architecture": v.architecture,
+        "transformers": transformers.__version__, "torch": torch.__version__,
+        "description": v.description, **meta_extra,
+    }
+    if notes:
+        metadata["notes"] = "; ".join(notes)
+    atomic_write_bytes(case_dir / "golden.safetensors", safetensors_bytes(record, metadata))
+    return CaseInfo("gpt2", v.architecture, v.description)
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------
+
+Builder = Callable[[Path], CaseInfo]
+CASES: dict[str, Builder] = {}
+
+
+def register_gpt2() -> None:
+    from transformers.activations import ACT2FN
+
+    for case, variant in GPT2_VARIANTS.items():
+        act = variant.config.get("activation_function")
+        if act is not None and act not in ACT2FN:
+            print(f"skip gpt2/{case}: activation {act!r} not in transformers.activations.ACT2FN")
+            continue
+        name = f"gpt2/{case}"
+        CASES[name] = functools.partial(build_gpt2, name, variant)
+
+
+# --------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------
+
+def select(patterns: list[str] | None) -> list[str]:
+    """Case names matching any pattern (fnmatch, exact name, or family prefix like 'gpt2')."""
+    if not patterns:
+        return list(CASES)
+    chosen = []
+    for pat in patterns:
+        hits = [c for c in CASES
+                if fnmatch.fnmatchcase(c, pat) or c == pat or c.startswith(pat.rstrip("/") + "/")]
+        if not hits:
+            sys.exit(f"make_golden: --only {pat!r} matches no case; cases are: {', '.join(CASES)}")
+        chosen += [c for c in hits if c not in chosen]
+    return [c for c in CASES if c in chosen]  # registry order
+
+
+def build_case(name: str, out: Path) -> CaseInfo:
+    """Build a case in a staging dir, then move its files into out/name (each via os.replace)."""
+    final = out / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".staging-{final.name}-"))
+    try:
+        info = CASES[name](staging)
+        final.mkdir(exist_ok=True)
+        new = {p.relative_to(staging) for p in staging.rglob("*") if p.is_file()}
+        for old in [p for p in final.rglob("*") if p.is_file()]:
+            if old.relative_to(final) not in new:
+                old.unlink()
+        # golden.safetensors last, so a complete golden file implies complete model files
+        for rel in sorted(new, key=lambda r: (r.name == "golden.safetensors", str(r))):
+            (final / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / rel, final / rel)
+        return info
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_manifest(out: Path, built: dict[str, CaseInfo]) -> None:
+    """Update MANIFEST.json: generator versions, case entries, sha256 of every file on disk."""
+    import tokenizers
+    import torch
+    import transformers
+
+    path = out / "MANIFEST.json"
+    cases = json.loads(path.read_text())["cases"] if path.exists() else {}
+    cases.update({name: dataclasses.asdict(info) for name, info in built.items()})
+    cases = {name: c for name, c in cases.items() if (out / name).is_dir()}
+    files = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if not p.is_file() or rel == "MANIFEST.json" or any(part.startswith(".") for part in p.relative_to(out).parts):
+            continue
+        files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    manifest = {
+        "generator": {
+            "script": SCRIPT, "transformers": transformers.__version__, "torch": torch.__version__,
+            "numpy": np.__version__, "safetensors": safetensors.__version__,
+            "tokenizers": tokenizers.__version__, "python": platform.python_version(),
+        },
+        "cases": cases,
+        "files": files,
+    }
+    atomic_write_bytes(path, (json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="golden", type=Path, help="output directory (default: golden)")
+    parser.add_argument("--only", nargs="+", metavar="PATTERN",
+                        help="only these cases (fnmatch patterns such as 'gpt2/lm-act-*', or a family)")
+    args = parser.parse_args(argv)
+
+    check_versions()
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    transformers.logging.set_verbosity_error()
+    register_gpt2()
+
+    names = select(args.only)
+    args.out.mkdir(parents=True, exist_ok=True)
+    built = {}
+    for i, name in enumerate(names, 1):
+        t0 = time.perf_counter()
+        print(f"[{i}/{len(names)}] {name} ...", end=" ", flush=True)
+        built[name] = build_case(name, args.out)
+        size = sum(p.stat().st_size for p in (args.out / name).rglob("*") if p.is_file())
+        print(f"ok ({time.perf_counter() - t0:.1f}s, {size / 1024:.0f} KiB)", flush=True)
+    write_manifest(args.out, built)
+    print(f"wrote {args.out / 'MANIFEST.json'} ({len(built)} case(s) built)")
+
+
+if __name__ == "__main__":
+    main()
