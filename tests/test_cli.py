@@ -131,3 +131,26 @@ def test_console_entry_point_runs_as_a_module():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("refjax: error:") and "/no/such/dir" in proc.stderr
+
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "mc_token_ids", "labels",
+              "mc_labels", "start_positions", "end_positions")
+
+
+@pytest.mark.parametrize("case", [c for c in __import__("ref.verify", fromlist=["x"]).golden_cases(GOLDEN)
+                                  if not c.endswith("model-embeds")])  # --inputs takes ids, not embeddings
+def test_forward_on_every_hf_directory_matches_hf_within_1e4(capsys, tmp_path, case):
+    """`refjax forward` on each HF-written golden directory reproduces HF's float32 outputs,
+    hidden states and attentions within 1e-4 (the issue's bar; goldens hold 1e-5)."""
+    golden, _ = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
+    inputs = tmp_path / "in.safetensors"
+    write_safetensors(inputs, {k: golden[k] for k in INPUT_KEYS if k in golden})
+    out_path = tmp_path / "out.safetensors"
+    code, _, err = run(capsys, "forward", os.path.join(GOLDEN, case), "--inputs", str(inputs), "--out", str(out_path))
+    assert code == 0, err
+    out, _ = read_safetensors(out_path)
+    expected = {k.split("/", 1)[1]: v for k, v in golden.items() if k.startswith("float32/")}
+    assert expected
+    for name, ref in expected.items():
+        ours = np.asarray(out[name]).reshape(ref.shape)
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4, err_msg=f"{case}: {name}")

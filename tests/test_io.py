@@ -543,7 +543,7 @@ def test_missing_untied_lm_head(tmp_path):
     tensors = golden_tensors(case)
     assert load_checkpoint(case).params.lm_head is not None
     del tensors["lm_head.weight"]
-    with pytest.raises(CheckpointError, match=r"missing tensor 'lm_head\.weight'.*\[320, 16\]"):
+    with pytest.raises(CheckpointError, match=r"missing tensor 'lm_head\.weight'.*\[64, 16\]"):
         load_checkpoint(make_checkpoint(tmp_path, tensors, case))
 
 
@@ -566,7 +566,7 @@ def test_extra_layer_is_unexpected(tmp_path):
     ("transformer.wpe.weight", (47, 16), (48, 16)),
     ("transformer.h.0.mlp.c_fc.weight", (64, 16), (16, 64)),  # an nn.Linear-style (transposed) Conv1D weight
     ("transformer.ln_f.bias", (16, 1), (16,)),
-    ("transformer.ln_f.weight", (), (16,)),
+    ("transformer.ln_f.weight", (2, 8), (16,)),  # same size, wrong shape
 ])
 def test_misshaped_tensor(tmp_path, key, bad_shape, good_shape):
     tensors = golden_tensors()
