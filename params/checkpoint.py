@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from params import config as config_lib
-from params import gpt2
+from params import arcee, gpt2
 from params import io
 
 
@@ -26,6 +26,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(config_lib.parse_gpt2_config, gpt2),
+    "arcee": Family(config_lib.parse_arcee_config, arcee),
 }
 
 
@@ -39,7 +40,7 @@ class Checkpoint:
 
 def family_of(raw: dict) -> str:
     model_type = raw.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise config_lib.ConfigError(
             f"config field 'model_type' is {model_type!r}; accepted values: {', '.join(map(repr, FAMILIES))}")
     return model_type

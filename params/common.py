@@ -25,3 +25,7 @@ class LayerNorm(eqx.Module):
 
 class Embedding(eqx.Module):
     table: jax.Array  # [V, D]  HF: `weight`
+
+
+class RMSNorm(eqx.Module):
+    scale: jax.Array  # [D]  HF: `weight`

@@ -115,7 +115,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metad
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     arrays, offset = [], 0
     for name in sorted(tensors):
-        array = np.ascontiguousarray(np.asarray(tensors[name]))
+        array = np.asarray(tensors[name], order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         if array.dtype not in _DTYPE_NAMES:
             raise ValueError(f"tensor {name!r}: dtype {array.dtype} cannot be stored in safetensors")
         header[name] = {"dtype": _DTYPE_NAMES[array.dtype], "shape": list(array.shape),
@@ -257,7 +257,7 @@ def tree_from_tensors(tensors: Mapping[str, np.ndarray], skeleton: Any, rules: l
             array = tensors[key]
             if tuple(array.shape) != per_key_shape:
                 raise CheckpointError(f"tensor {key!r} has shape {list(array.shape)}; expected {list(per_key_shape)}")
-            if not np.issubdtype(array.dtype, np.floating):
+            if not jax.numpy.issubdtype(array.dtype, jax.numpy.floating):  # numpy alone misses bfloat16
                 raise CheckpointError(f"tensor {key!r} has dtype {array.dtype}; expected a floating dtype")
             used.add(key)
             parts.append(np.swapaxes(array, -1, -2) if rule.transpose else array)
@@ -280,9 +280,9 @@ def tensors_from_tree(tree: Any, rules: list[NameRule]) -> dict[str, np.ndarray]
             array = np.swapaxes(array, -1, -2)
         if "{i}" in rule.hf:
             for i in range(array.shape[0]):
-                out[rule.hf.format(i=i)] = np.ascontiguousarray(array[i])
+                out[rule.hf.format(i=i)] = np.asarray(array[i], order="C")
         else:
-            out[rule.hf] = np.ascontiguousarray(array)
+            out[rule.hf] = np.asarray(array, order="C")
     return out
 
 

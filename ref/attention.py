@@ -18,23 +18,30 @@ def causal_mask(query_slots: jax.Array, num_slots: int) -> jax.Array:
     return jnp.arange(num_slots, dtype=query_slots.dtype)[None, :] <= query_slots[:, None]
 
 
-def mask_scores(scores: jax.Array, key_valid: jax.Array, causal: jax.Array | None) -> jax.Array:
+# How HF's eager attention fills a *future* key's score (a named choice per family):
+FUTURE_NEG_INF = "-inf"  # GPT-2: causal `where(.., finfo.min)` plus the additive mask overflows to -inf
+FUTURE_FINFO_MIN = "finfo.min"  # Llama-style (Arcee): one additive mask, finfo.min for pad and future alike
+
+
+def mask_scores(scores: jax.Array, key_valid: jax.Array, causal: jax.Array | None,
+                future_fill: str = FUTURE_NEG_INF) -> jax.Array:
     """Apply padding and causal masks exactly as HF's eager attention does.
 
     scores [B, N, T, S]; key_valid [B, S] (1 = real token); causal [T, S] or None.
-    HF adds `finfo.min` for a pad key and, on top, `finfo.min` for a future key, which
-    overflows to -inf. So a future key is never seen, and a query with no real key in
-    its past (a left-pad query) attends *uniformly to its past*: finite, never NaN.
+    A pad key gets `finfo.min`, never -inf, so every row stays finite (never NaN). A query
+    with no real key at all (a left-pad query) then attends uniformly: to its past keys
+    when future keys are -inf (GPT-2), to every key when they are finfo.min too (Arcee).
     """
     lowest = jnp.asarray(jnp.finfo(scores.dtype).min, scores.dtype)
     scores = jnp.where(key_valid[:, None, None, :], scores, lowest)
     if causal is not None:
-        scores = jnp.where(causal, scores, -jnp.inf)
+        scores = jnp.where(causal, scores, -jnp.inf if future_fill == FUTURE_NEG_INF else lowest)
     return scores
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, causal: jax.Array | None,
-                      scale: float, score_dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      scale: float, score_dtype=None, future_fill: str = FUTURE_NEG_INF
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """softmax(mask(q k^T * scale)) v.
 
     q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N; key_valid [B, S] bool;
@@ -50,7 +57,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.A
     q_grouped = q.reshape(B, T, K, N // K, H).astype(score_dtype)  # [B, T, K, G, H]
     scores = jnp.einsum("btkgh,bskh->bkgts", q_grouped, k.astype(score_dtype)) * jnp.asarray(scale, score_dtype)
     scores = scores.reshape(B, N, T, S)  # [B, N, T, S]
-    probs = jax.nn.softmax(mask_scores(scores, key_valid, causal), axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(mask_scores(scores, key_valid, causal, future_fill), axis=-1).astype(v.dtype)
     probs_grouped = probs.reshape(B, K, N // K, T, S)
     context = jnp.einsum("bkgts,bskh->btkgh", probs_grouped, v).reshape(B, T, N, H)
     return context, probs, scores

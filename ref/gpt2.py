@@ -21,6 +21,7 @@ from ref import heads, losses, nn
 from ref.attention import causal_mask, softmax_attention
 from ref import cache as cache_lib
 from ref.cache import KVCache, write_slots
+from ref.validate import as_arrays, check_labels, check_task_labels, check_token_inputs
 
 
 def embed(p: GPT2Body, config: GPT2Config, input_ids, inputs_embeds, position_ids, token_type_ids):
@@ -120,33 +121,6 @@ def transformer(p: GPT2Body, config: GPT2Config, input_ids=None, attention_mask=
     return last, hidden_states, attentions, new_cache, taps
 
 
-def validate_inputs(config: GPT2Config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                    cache, mc_token_ids=None):
-    """Clear errors before compute: shapes always; id ranges when values are concrete."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("give exactly one of input_ids or inputs_embeds")
-    shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
-    if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.n_embd):
-        raise ValueError(f"inputs_embeds must be [batch, seq, {config.n_embd}], got {list(inputs_embeds.shape)}")
-    if len(shape) not in (2, 3) or 0 in shape:
-        raise ValueError(f"input_ids must be a non-empty [batch, seq] (or [batch, choices, seq]) array, got {list(shape)}")
-    if input_ids is not None:
-        nn.check_ids(input_ids, config.vocab_size, "input_ids")
-    for name, value in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
-                        ("position_ids", position_ids)):
-        if value is not None and tuple(value.shape) != tuple(shape):
-            raise ValueError(f"{name} has shape {list(value.shape)}; input_ids has {list(shape)}")
-    nn.check_ids(token_type_ids, config.vocab_size, "token_type_ids")
-    nn.check_ids(position_ids, config.n_positions, "position_ids", "n_positions")
-    filled = 0 if cache is None else (int(cache.length) if nn.is_concrete(cache.length) else 0)
-    if position_ids is None and filled + shape[-1] > config.n_positions:
-        raise ValueError(f"sequence length {filled + shape[-1]} exceeds the position table (n_positions={config.n_positions})")
-    if cache is not None and filled + shape[-1] > cache.max_length:
-        raise ValueError(f"{shape[-1]} new tokens do not fit the cache ({filled} of {cache.max_length} slots used)")
-    if mc_token_ids is not None:
-        nn.check_ids(mc_token_ids, shape[-1], "mc_token_ids", "sequence length")
-
-
 def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_mask=None, token_type_ids=None,
             position_ids=None, inputs_embeds=None, labels=None, mc_token_ids=None, mc_labels=None,
             start_positions=None, end_positions=None, cache: KVCache | None = None, *,
@@ -156,8 +130,26 @@ def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_ma
     GPT2DoubleHeadsModel takes input_ids [B, C, T] (C choices) and mc_token_ids [B, C];
     its logits are [B, C, T, V] and hidden states [L + 1, B, C, T, D], as HF reshapes them.
     """
-    validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cache,
-                    mc_token_ids)
+    x = as_arrays(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                  position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels, mc_token_ids=mc_token_ids,
+                  mc_labels=mc_labels, start_positions=start_positions, end_positions=end_positions)
+    input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, labels, mc_token_ids, mc_labels, \
+        start_positions, end_positions = x.values()
+    arch = config.architecture
+    shape = check_token_inputs(
+        vocab_size=config.vocab_size, hidden_size=config.n_embd, input_ids=input_ids, attention_mask=attention_mask,
+        position_ids=position_ids, inputs_embeds=inputs_embeds, cache=cache, max_positions=config.n_positions,
+        positions_field="n_positions", token_type_ids=token_type_ids, type_vocab_size=config.vocab_size,
+        allow_choices=arch == "GPT2DoubleHeadsModel")
+    if arch in ("GPT2LMHeadModel", "GPT2DoubleHeadsModel"):
+        check_task_labels("lm", labels, shape, config.vocab_size)
+    elif arch == "GPT2ForSequenceClassification":
+        check_task_labels("sequence", labels, shape, config.num_labels, config.problem_type)
+    elif arch == "GPT2ForTokenClassification":
+        check_task_labels("token", labels, shape, config.num_labels)
+    if arch == "GPT2DoubleHeadsModel":
+        check_labels(mc_token_ids, "mc_token_ids", shape[:-1], shape[-1], "sequence length")
+        check_labels(mc_labels, "mc_labels", shape[:1], shape[1] if len(shape) == 3 else None, "choices")
     outer_shape = input_ids.shape[:-1] if input_ids is not None else inputs_embeds.shape[:-2]
 
     def flat(x):  # [B, C, T] -> [B*C, T], as HF views multiple-choice inputs
@@ -172,17 +164,10 @@ def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_ma
                hidden_states=hidden_states.reshape(-1, *outer_shape, T, D) if output_hidden_states else None,
                attentions=attentions if output_attentions else None)
 
-    arch = config.architecture
     if arch in ("GPT2LMHeadModel", "GPT2DoubleHeadsModel"):
-        if params.lm_head is None:
-            logits = jnp.einsum("...d,vd->...v", last, params.transformer.wte.table)
-        else:
-            logits = nn.linear(params.lm_head, last)
-        out["logits"] = logits
+        out["logits"] = heads.lm_logits(params.lm_head, params.transformer.wte.table, last)
         if labels is not None:
-            nn.check_ids(jnp.where(labels == losses.IGNORE_INDEX, 0, labels) if nn.is_concrete(labels) else labels,
-                         config.vocab_size, "labels")
-            out["loss"] = losses.causal_lm_loss(logits, labels)
+            out["loss"] = losses.causal_lm_loss(out["logits"], labels)
     if arch == "GPT2DoubleHeadsModel":
         mc_logits = heads.sequence_summary(params.multiple_choice_head, last, mc_token_ids, config.summary_type,
                                            config.summary_activation)
@@ -192,22 +177,13 @@ def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_ma
         if mc_labels is not None:
             out["mc_loss"] = losses.cross_entropy(mc_logits.reshape(-1, mc_logits.shape[-1]), mc_labels.reshape(-1))
     elif arch == "GPT2ForSequenceClassification":
-        token_logits = nn.linear(params.score, last)  # [B, T, num_labels]
-        index = heads.last_non_pad_index(input_ids, config.pad_token_id, last.shape[0])
-        logits = heads.pool_at(token_logits, index)  # [B, num_labels]
-        out["logits"] = logits
-        if labels is not None:
-            out["loss"] = losses.sequence_classification_loss(logits, labels, config.num_labels, config.problem_type)
+        out["logits"], out["loss"] = heads.sequence_classification(
+            params.score, last, input_ids, config.pad_token_id, config.num_labels, config.problem_type, labels)
     elif arch == "GPT2ForTokenClassification":
-        logits = nn.linear(params.classifier, last)  # [B, T, num_labels]
-        out["logits"] = logits
-        if labels is not None:
-            out["loss"] = losses.cross_entropy(logits.reshape(-1, config.num_labels), labels.reshape(-1))
+        out["logits"], out["loss"] = heads.token_classification(params.classifier, last, config.num_labels, labels)
     elif arch == "GPT2ForQuestionAnswering":
-        span = nn.linear(params.qa_outputs, last)  # [B, T, 2]
-        out["start_logits"], out["end_logits"] = span[..., 0], span[..., 1]
-        if start_positions is not None and end_positions is not None:
-            out["loss"] = losses.span_loss(span[..., 0], span[..., 1], start_positions, end_positions)
+        out["start_logits"], out["end_logits"], out["loss"] = heads.question_answering(
+            params.qa_outputs, last, start_positions, end_positions)
     return heads.Output(**out)
 
 

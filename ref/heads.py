@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from params.common import Linear
-from ref import nn
+from ref import losses, nn
 
 
 class Output(eqx.Module):
@@ -38,9 +38,11 @@ class Output(eqx.Module):
     taps: dict | None = None
 
 
-def tied_lm_logits(embedding_table: jax.Array, hidden: jax.Array) -> jax.Array:
-    """Logits from an LM head tied to the input embedding: [B, T, D] x [V, D] -> [B, T, V]."""
-    return jnp.einsum("btd,vd->btv", hidden, embedding_table)
+def lm_logits(lm_head: Linear | None, embedding_table: jax.Array, hidden: jax.Array) -> jax.Array:
+    """Next-token logits [..., V]: the untied head, or tied to the input embedding [V, D]."""
+    if lm_head is None:
+        return jnp.einsum("...d,vd->...v", hidden, embedding_table)
+    return nn.linear(lm_head, hidden)
 
 
 def last_non_pad_index(input_ids: jax.Array | None, pad_token_id: int | None, batch: int) -> jax.Array:
@@ -82,3 +84,36 @@ def sequence_summary(p: Linear | None, hidden: jax.Array, cls_index: jax.Array |
     if activation is not None:
         output = nn.ACT2FN[activation](output)
     return output
+
+
+# ---------------------------------------------------------------------------------------
+# Heads shared by the decoder families (HF's GPT2For* and Generic*For* classes agree).
+# ---------------------------------------------------------------------------------------
+
+
+def sequence_classification(score: Linear, hidden: jax.Array, input_ids, pad_token_id, num_labels: int,
+                            problem_type, labels=None) -> tuple[jax.Array, jax.Array | None]:
+    """Score every token, keep the last non-pad one (HF `*ForSequenceClassification`).
+    hidden [B, T, D] -> logits [B, num_labels], loss by problem_type."""
+    token_logits = nn.linear(score, hidden)  # [B, T, num_labels]
+    logits = pool_at(token_logits, last_non_pad_index(input_ids, pad_token_id, hidden.shape[0]))
+    loss = None if labels is None else losses.sequence_classification_loss(logits, labels, num_labels, problem_type)
+    return logits, loss
+
+
+def token_classification(classifier: Linear, hidden: jax.Array, num_labels: int, labels=None):
+    """Per-token logits [B, T, num_labels] and the mean cross-entropy over labels != -100."""
+    logits = nn.linear(classifier, hidden)
+    loss = None if labels is None else losses.cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1))
+    return logits, loss
+
+
+def question_answering(qa_outputs: Linear, hidden: jax.Array, start_positions=None, end_positions=None):
+    """Span start/end logits [B, T] each, and HF's clamped span loss."""
+    span = nn.linear(qa_outputs, hidden)  # [B, T, 2]
+    start_logits, end_logits = span[..., 0], span[..., 1]
+    loss = None
+    if start_positions is not None and end_positions is not None:
+        loss = losses.span_loss(start_logits, end_logits, start_positions, end_positions)
+    return start_logits, end_logits, loss
+

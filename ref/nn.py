@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from params.common import Embedding, LayerNorm, Linear
+from params.common import Embedding, LayerNorm, Linear, RMSNorm
 
 
 def accum_dtype(dtype) -> jnp.dtype:
@@ -38,6 +38,16 @@ def layer_norm(p: LayerNorm, x: jax.Array, eps: float) -> jax.Array:
     y = (x - mean) * jax.lax.rsqrt(var + eps)
     y = y.astype(dtype) * p.scale
     return y if p.bias is None else y + p.bias
+
+
+def rms_norm(p: RMSNorm, x: jax.Array, eps: float) -> jax.Array:
+    """HF `LlamaRMSNorm`/`ArceeRMSNorm`: x / sqrt(mean(x^2) + eps), cast back, then * weight.
+
+    Accumulates in fp32 (HF), or fp64 for fp64 inputs (HF downcasts those to fp32)."""
+    dtype = x.dtype
+    x = x.astype(accum_dtype(dtype))
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return p.scale * y.astype(dtype)
 
 
 def is_concrete(x) -> bool:

@@ -443,9 +443,6 @@ def assert_valid(c: GPT2Config) -> None:
     assert c.problem_type is None or c.problem_type in PROBLEM_TYPES
 
 
-_TMP = tempfile.mkdtemp(prefix="refjax-config-fuzz-")
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(base=st.sampled_from(range(len(BASES))), mutations=st.lists(mutation, min_size=1, max_size=3))
 @example(base=0, mutations=[("set", "layer_norm_epsilon", 10**400)])  # OverflowError in float()
@@ -464,11 +461,12 @@ def test_mutated_configs_parse_or_raise_config_error(base, mutations):
     else:
         assert_valid(config)
     # the loader on a file (JSON written by Python: NaN/Infinity literals and huge ints survive)
-    write_config(_TMP, raw)
-    try:
-        family, config, _ = load_config(_TMP)
-    except ConfigError:
-        pass
-    else:
-        assert family == "gpt2"
-        assert_valid(config)
+    with tempfile.TemporaryDirectory(prefix="refjax-config-fuzz-") as folder:
+        write_config(folder, raw)
+        try:
+            family, config, _ = load_config(folder)
+        except ConfigError:
+            pass
+        else:
+            assert family == "gpt2"
+            assert_valid(config)

@@ -12,8 +12,10 @@ Documented exceptions (HF 4.57.6 behaviour, not refjax bugs):
   refjax computes the scores in float64. Only float32 is compared for those configs.
 - float64 `GPT2LMHeadModel` loss: HF's `ForCausalLMLoss` casts logits with `.float()`, so
   its loss is float32; refjax keeps float64. Compared at float32 tolerance.
-- `GPT2DoubleHeadsModel` with `position_ids`: HF does not flatten them to [B*C, T] (its
-  embedding sum fails or broadcasts wrongly), so multiple-choice cases draw none.
+- `GPT2DoubleHeadsModel` with [B, C, T] inputs and `position_ids`: HF does not flatten
+  them to [B*C, T] (its embedding sum fails or broadcasts wrongly), so those cases draw none.
+- `GPT2DoubleHeadsModel.__init__` sets `config.num_labels = 1`; `mc_labels` are drawn only
+  where HF's CrossEntropy over `mc_logits.view(-1, last)` pairs with [B] labels.
 
 Runs only with the `reference` extra (torch + transformers); skipped otherwise.
 """
@@ -68,10 +70,12 @@ def _torch_settings(request):
     with quiet_torch(threads=1):
         yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(
-            f"\n[reference gpt2] worst scaled error vs HF: float32 {MAX_ERR['float32']:.3g}, "
-            f"float64 {MAX_ERR['float64']:.3g}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(
+                f"\n[reference gpt2] worst scaled error vs HF over the forward cases: "
+                f"float32 {MAX_ERR['float32']:.3g}, float64 {MAX_ERR['float64']:.3g}")
 
 
 # --------------------------------------------------------------------------------------
@@ -151,7 +155,8 @@ def gpt2_cases(draw, architectures=GPT2_ARCHITECTURES, summary_types=("cls_index
     batch = draw(st.integers(1, 4))
     if arch == "GPT2ForSequenceClassification" and pad is None:
         batch = 1  # HF (and refjax) refuse batches > 1 without a pad id
-    choices = draw(st.integers(1, 3)) if arch == "GPT2DoubleHeadsModel" else None
+    # Multiple choice: [B, C, T] inputs, or plain [B, T] (C = None), which HF also accepts.
+    choices = draw(st.sampled_from([None, 1, 2, 3])) if arch == "GPT2DoubleHeadsModel" else None
     T = draw(st.integers(1, P))
     lead = (batch,) if choices is None else (batch, choices)
     rows = int(np.prod(lead))
@@ -163,7 +168,7 @@ def gpt2_cases(draw, architectures=GPT2_ARCHITECTURES, summary_types=("cls_index
                               min_size=rows, max_size=rows))
         mask = padding_mask(rng, kinds, T).reshape(*lead, T)
         x["attention_mask"] = mask
-    use_embeds = arch != "GPT2DoubleHeadsModel" and draw(st.integers(0, 5)) == 0
+    use_embeds = choices is None and draw(st.integers(0, 5)) == 0
     if use_embeds:
         x["inputs_embeds"] = rng.standard_normal((batch, T, D))
     else:
@@ -173,7 +178,7 @@ def gpt2_cases(draw, architectures=GPT2_ARCHITECTURES, summary_types=("cls_index
         x["input_ids"] = ids
     if draw(st.booleans()):
         x["token_type_ids"] = rng.integers(0, V, size=(*lead, T)).astype(np.int64)
-    if arch != "GPT2DoubleHeadsModel":
+    if choices is None:
         position_kind = draw(st.sampled_from([None, "random", "from-mask"]))
         if position_kind == "random":
             x["position_ids"] = rng.integers(0, P, size=(batch, T)).astype(np.int64)
@@ -208,11 +213,11 @@ def gpt2_cases(draw, architectures=GPT2_ARCHITECTURES, summary_types=("cls_index
     if arch == "GPT2DoubleHeadsModel":
         if draw(st.booleans()):
             x["mc_token_ids"] = rng.integers(0, T, size=lead).astype(np.int64)
-        summary = (cfg["num_labels"] if cfg["summary_proj_to_labels"] and cfg["num_labels"] > 0 else D) \
-            if cfg["summary_use_proj"] else D
+        # HF's GPT2DoubleHeadsModel.__init__ sets config.num_labels = 1 (a width-1 projection).
+        summary = (1 if cfg["summary_proj_to_labels"] else D) if cfg["summary_use_proj"] else D
         # mc_logits are [B, C] when the summary has width 1 (HF squeezes it), else [B, C, S]:
         # HF's CrossEntropy over view(-1, last) then only pairs with mc_labels [B] when C == 1.
-        if draw(st.booleans()) and (summary == 1 or choices == 1):
+        if choices is not None and draw(st.booleans()) and (summary == 1 or choices == 1):
             x["mc_labels"] = rng.integers(0, choices if summary == 1 else summary, size=(batch,)).astype(np.int64)
     return Case(arch, cfg, x, seed)
 
@@ -317,10 +322,69 @@ def test_forward_matches_hf(case: Case):
 
 
 # --------------------------------------------------------------------------------------
+# 1b. GPT2DoubleHeadsModel details: summary types, the forced single label
+# --------------------------------------------------------------------------------------
+
+def _save_and_load(model, tmp):
+    model.save_pretrained(tmp, safe_serialization=True)
+    return load_checkpoint(tmp, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("summary_type", ["cls_index", "last", "first", "mean"])
+@pytest.mark.parametrize("choices", [None, 3])
+def test_double_heads_summary_types_match_hf(summary_type, choices):
+    """GPT2SequenceSummary with every summary_type refjax accepts, on [B, T] and
+    [B, C, T] inputs. (HF 4.57.6 indexes `hidden_states[:, -1]` / `[:, 0]` / `.mean(dim=1)`,
+    i.e. the *choice* axis of [B, C, T, D] multiple-choice states; refjax must give the
+    same outputs or refuse the config.)"""
+    cfg = dict(vocab_size=24, n_positions=16, n_embd=8, n_layer=1, n_head=2, bos_token_id=None, eos_token_id=None,
+               summary_type=summary_type, summary_use_proj=True, summary_proj_to_labels=True,
+               summary_activation="tanh")
+    model = build_hf_model("GPT2DoubleHeadsModel", cfg, seed=11)
+    lead = (2,) if choices is None else (2, choices)
+    ids = np.random.default_rng(11).integers(0, 24, size=(*lead, 5)).astype(np.int64)
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = _save_and_load(model, tmp)
+    hf = hf_outputs(model, {"input_ids": ids}, torch.float32)
+    ours = gpt2.forward(ck.params, ck.config, jnp.asarray(ids, jnp.int32))
+    assert_close("mc_logits", ours.mc_logits, hf["mc_logits"], TOL["float32"])
+    assert_close("logits", ours.logits, hf["logits"], TOL["float32"])
+
+
+@pytest.mark.parametrize("labels_in_config", ["num_labels=3", "no id2label"])
+def test_double_heads_config_labels_are_forced_to_one(labels_in_config):
+    """HF's GPT2DoubleHeadsModel.__init__ sets config.num_labels = 1, so its checkpoint
+    always holds a [1, D] multiple_choice_head.summary; a config.json that says otherwise
+    (num_labels/id2label of another size, or none at all, whose default is 2) still loads
+    in HF. refjax must load it too, with the same outputs."""
+    cfg = dict(vocab_size=24, n_positions=16, n_embd=8, n_layer=1, n_head=2, bos_token_id=None, eos_token_id=None)
+    model = build_hf_model("GPT2DoubleHeadsModel", cfg, seed=5)
+    ids = np.random.default_rng(5).integers(0, 24, size=(2, 2, 6)).astype(np.int64)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        path = os.path.join(tmp, "config.json")
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        raw.pop("id2label", None)
+        raw.pop("label2id", None)
+        if labels_in_config == "num_labels=3":
+            raw["num_labels"] = 3
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(raw, f)
+        hf_model, info = transformers.GPT2DoubleHeadsModel.from_pretrained(
+            tmp, attn_implementation="eager", output_loading_info=True)
+        assert not any(info.values()), info
+        ck = load_checkpoint(tmp, dtype=jnp.float32)
+    hf = hf_outputs(hf_model.eval(), {"input_ids": ids}, torch.float32)
+    ours = gpt2.forward(ck.params, ck.config, jnp.asarray(ids, jnp.int32))
+    assert_close("mc_logits", ours.mc_logits, hf["mc_logits"], TOL["float32"])
+
+
+# --------------------------------------------------------------------------------------
 # 2. refjax save_checkpoint -> HF from_pretrained
 # --------------------------------------------------------------------------------------
 
-def _torch_outputs_equal(a: dict, b: dict) -> None:
+def _outputs_identical(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         xs, ys = (a[k], b[k]) if isinstance(a[k], list) else ([a[k]], [b[k]])
@@ -359,7 +423,7 @@ def test_save_checkpoint_loads_in_hf(case: Case, sharded: bool):
     assert state.keys() == original.keys()
     for k in original:
         assert state[k].dtype == original[k].dtype and np.array_equal(state[k], original[k]), k
-    _torch_outputs_equal(hf_outputs(reloaded, case.inputs, torch.float32),
+    _outputs_identical(hf_outputs(reloaded, case.inputs, torch.float32),
                          hf_outputs(model, case.inputs, torch.float32))
 
 
@@ -471,6 +535,31 @@ def test_greedy_generate_all_rows_hit_eos():
     mine = np.asarray(FAMILIES["gpt2"].generate(ck.params, config, jnp.asarray(ids, jnp.int32),
                                                 jnp.asarray(mask, jnp.int32), max_new_tokens=max_new))
     np.testing.assert_array_equal(mine, theirs_eos)
+
+
+def test_greedy_generate_stops_at_any_eos_of_a_list():
+    """config.json may give eos_token_id as a list (HF: generation stops at any of them).
+    refjax's parser accepts the list, so generate must stop at every id in it, as HF does."""
+    cfg = dict(vocab_size=48, n_positions=32, n_embd=16, n_layer=2, n_head=2, pad_token_id=0,
+               eos_token_id=None, bos_token_id=None)
+    model = build_hf_model("GPT2LMHeadModel", cfg, seed=3)
+    ids = np.array([[5, 6, 7, 8], [0, 9, 10, 11]], np.int64)
+    mask = np.array([[1, 1, 1, 1], [0, 1, 1, 1]], np.int64)
+    T0, max_new = 4, 8
+    free, _ = _hf_generate(model, ids, mask, max_new, 0, None)
+    never = next(t for t in range(1, 48) if t not in free)  # an eos id that is never generated
+    eos_list = [never, int(free[0, T0 + 1])]
+    model.config.eos_token_id = eos_list
+    model.generation_config.eos_token_id = eos_list
+    theirs, _ = _hf_generate(model, ids, mask, max_new, 0, eos_list)
+    assert np.isin(theirs[0, T0:], eos_list).any()  # HF stopped row 0 at the second id
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = _save_and_load(model, tmp)
+        with open(os.path.join(tmp, "config.json"), encoding="utf-8") as f:
+            assert json.load(f)["eos_token_id"] == eos_list
+    mine = np.asarray(FAMILIES["gpt2"].generate(ck.params, ck.config, jnp.asarray(ids, jnp.int32),
+                                                jnp.asarray(mask, jnp.int32), max_new_tokens=max_new))
+    np.testing.assert_array_equal(mine, theirs)
 
 
 # --------------------------------------------------------------------------------------

@@ -16,12 +16,13 @@ It needs the pinned reference stack (torch 2.13.0, transformers 4.57.6).
 
 Adding a family: write a table of variants and a builder ``build(name, variant,
 case_dir) -> CaseInfo`` that writes the case files into ``case_dir``, then register
-each variant in ``CASES`` (see ``register_gpt2``).
+each variant in ``CASES`` (see ``register_gpt2`` and ``register_arcee``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import fnmatch
 import functools
@@ -121,10 +122,10 @@ def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) 
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
     out = struct.pack("<Q", len(text)) + text + data
-    # Round trip: same tensors, same metadata.
+    # Round trip: same tensors (NaN where HF gave NaN), same metadata.
     back = safetensors.numpy.load(out)
     assert back.keys() == tensors.keys() and all(
-        back[k].dtype == tensors[k].dtype and np.array_equal(back[k], tensors[k]) for k in tensors)
+        back[k].dtype == tensors[k].dtype and np.array_equal(back[k], tensors[k], equal_nan=True) for k in tensors)
     return out
 
 
@@ -348,9 +349,9 @@ def default_attention_mask() -> np.ndarray:
     return mask
 
 
-def masked_ids(rng: np.random.Generator, mask: np.ndarray, vocab: int) -> np.ndarray:
-    """Real ids from [1, vocab); pad (0) where mask is 0."""
-    return np.where(mask == 1, rng.integers(1, vocab, size=mask.shape), 0).astype(np.int64)
+def masked_ids(rng: np.random.Generator, mask: np.ndarray, vocab: int, low: int = 1) -> np.ndarray:
+    """Real ids from [low, vocab); pad (0) where mask is 0."""
+    return np.where(mask == 1, rng.integers(low, vocab, size=mask.shape), 0).astype(np.int64)
 
 
 def hf_position_ids(mask: np.ndarray) -> np.ndarray:
@@ -391,30 +392,36 @@ def gpt2_inputs(v: GPT2Variant, rng: np.random.Generator, cfg) -> dict[str, np.n
             x["token_type_ids"] = rng.integers(0, vocab, size=mask.shape).astype(np.int64)
             x["position_ids"] = hf_position_ids(mask)
 
-    if v.labels in ("lm", "choices"):
-        x["labels"] = token_labels(rng, x["input_ids"], mask, n_ignored=3)
-    if v.labels == "choices":
-        x["mc_labels"] = rng.integers(0, 3, size=(2,)).astype(np.int64)
-    elif v.labels == "seqcls-single":
-        x["labels"] = rng.integers(0, cfg.num_labels, size=(BATCH,)).astype(np.int64)
-    elif v.labels == "seqcls-regression":
-        x["labels"] = rng.standard_normal((BATCH,))  # float64
-    elif v.labels == "seqcls-multilabel":
-        x["labels"] = rng.integers(0, 2, size=(BATCH, cfg.num_labels)).astype(np.float64)
-    elif v.labels == "tokcls":
-        x["labels"] = token_labels(rng, rng.integers(0, cfg.num_labels, size=mask.shape), mask, n_ignored=3)
-    elif v.labels == "qa":
-        x["start_positions"] = np.array([2, 0, SEQ + 5, 7], dtype=np.int64)   # SEQ+5 is clamped + ignored
-        x["end_positions"] = np.array([5, SEQ - 1, 9, SEQ + 2], dtype=np.int64)
+    add_task_labels(x, v.labels, rng, mask, cfg)
     return x
 
 
-def gpt2_generate_prompts(rng: np.random.Generator, vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded prompt batch [3, 7]: full, padded by 2, padded by 4 (pad id 0)."""
+def add_task_labels(x: dict[str, np.ndarray], kind: str | None, rng: np.random.Generator,
+                    mask: np.ndarray, cfg) -> None:
+    """Add the labels of a task head (HF keyword names) to the inputs ``x`` in place."""
+    if kind in ("lm", "choices"):
+        x["labels"] = token_labels(rng, x["input_ids"], mask, n_ignored=3)
+    if kind == "choices":
+        x["mc_labels"] = rng.integers(0, 3, size=(2,)).astype(np.int64)
+    elif kind == "seqcls-single":
+        x["labels"] = rng.integers(0, cfg.num_labels, size=(BATCH,)).astype(np.int64)
+    elif kind == "seqcls-regression":
+        x["labels"] = rng.standard_normal((BATCH,))  # float64
+    elif kind == "seqcls-multilabel":
+        x["labels"] = rng.integers(0, 2, size=(BATCH, cfg.num_labels)).astype(np.float64)
+    elif kind == "tokcls":
+        x["labels"] = token_labels(rng, rng.integers(0, cfg.num_labels, size=mask.shape), mask, n_ignored=3)
+    elif kind == "qa":
+        x["start_positions"] = np.array([2, 0, SEQ + 5, 7], dtype=np.int64)   # SEQ+5 is clamped + ignored
+        x["end_positions"] = np.array([5, SEQ - 1, 9, SEQ + 2], dtype=np.int64)
+
+
+def gpt2_generate_prompts(rng: np.random.Generator, vocab: int, low: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompt batch [3, 7]: full, padded by 2, padded by 4 (pad id 0); real ids from [low, vocab)."""
     mask = np.ones((3, 7), dtype=np.int64)
     mask[1, :2] = 0
     mask[2, :4] = 0
-    return masked_ids(rng, mask, vocab), mask
+    return masked_ids(rng, mask, vocab, low), mask
 
 
 def reinit_gpt2(model, seed: int) -> None:
@@ -556,6 +563,393 @@ def build_gpt2(name: str, v: GPT2Variant, case_dir: Path) -> CaseInfo:
 
 
 # --------------------------------------------------------------------------------------
+# Arcee (AFM-4.5B architecture)
+# --------------------------------------------------------------------------------------
+
+# Tiny AFM-like config: GQA (4 query heads, 2 kv heads), head_dim 8 != hidden/heads on
+# purpose, relu2 MLP without gate, untied head. bos/eos/pad are 1/2/0; real input ids are
+# drawn from [ARCEE_LOW_ID, vocab) so they never collide with a special id.
+ARCEE_BASE_CONFIG = dict(
+    vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, hidden_act="relu2", max_position_embeddings=64, rms_norm_eps=1e-5,
+    rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+)
+ARCEE_LOW_ID = 3
+ARCEE_LM = "ArceeForCausalLM"
+# The long inputs of the rope cases: batch 2 x seq 100, row 1 left-padded by 7.
+ARCEE_LONG_BATCH, ARCEE_LONG_SEQ, ARCEE_LONG_PAD = 2, 100, 7
+# Rope cases whose max_position_embeddings is not the point of the case get 128 >= ARCEE_LONG_SEQ.
+ARCEE_LONG_MAX_POSITIONS = 128
+# Rope cases use vocab 32 (logits [2, 100, vocab] in two dtypes dominate their size) and record
+# no attentions, no generation and only the first and last hidden state in float64.
+ARCEE_LONG_VOCAB = 32
+
+ARCEE_FP64_ROPE_NOTE = (
+    "float64 outputs keep HF's float32 RoPE: the rotary forward computes cos/sin from inv_freq.float() "
+    "and position_ids.float() in float32 and only then casts them to the model dtype")
+
+ARCEE_FP64_PRECISION_NOTE = (
+    "float64 outputs are only float32-accurate in places: ArceeRMSNorm normalises in float32 and eager attention "
+    "runs softmax(dtype=float32) before casting back")
+ARCEE_FP64_NAN_NOTE = (
+    "float64 NaN: the eager mask adds finfo(float64).min, which softmax(dtype=float32) turns into -inf, so a "
+    "fully masked query row (a left-pad position) is NaN; its NaN keys then poison every query of that row in the "
+    "next layer, and the loss")
+
+# Llama-3 style tokenizer: byte-level BPE behind Llama-3's split regex, bos prepended by a
+# TemplateProcessing post-processor. Special ids match ARCEE_BASE_CONFIG's pad/bos/eos.
+ARCEE_PAD, ARCEE_BOS, ARCEE_EOS = "<|pad|>", "<|begin_of_text|>", "<|end_of_text|>"
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                        r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+ARCEE_TOKENIZER_TEXTS = [t.replace(ENDOFTEXT, ARCEE_EOS) for t in TOKENIZER_TEXTS] + [
+    "digits split in threes: 1234567 and 3.14159, year 2025",
+    "I'm sure they'll say it's fine; we've said THEY'RE DON'T",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArceeVariant:
+    """One Arcee case: HF class, config overrides, inputs, labels, checkpoint format."""
+    architecture: str
+    description: str
+    config: dict = dataclasses.field(default_factory=dict)
+    inputs: str = "ids"              # ids (batch 4 x 12) | long (batch 2 x 100, rope cases)
+    labels: str | None = None        # lm | seqcls-single | seqcls-regression | seqcls-multilabel | tokcls | qa
+    tokenizer: bool = False          # Llama-3 style tokenizer.json + text.ids goldens
+    checkpoint: str = "single"       # single | sharded (max_shard_size=20KB) | bf16
+    max_new_tokens: int = 10         # greedy generation for ArceeForCausalLM (0: none)
+
+    @property
+    def generate(self) -> bool:
+        return self.architecture == ARCEE_LM and self.max_new_tokens > 0
+
+    @property
+    def rope_type(self) -> str:
+        scaling = self.config.get("rope_scaling") or {}
+        return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _arcee_lm(description: str, **config) -> ArceeVariant:
+    return ArceeVariant(ARCEE_LM, description, config, labels="lm")
+
+
+def _arcee_rope(description: str, rope_scaling: dict, max_position_embeddings: int = ARCEE_LONG_MAX_POSITIONS,
+                **config) -> ArceeVariant:
+    return ArceeVariant(
+        ARCEE_LM, f"{description}; vocab {ARCEE_LONG_VOCAB}, long input (batch 2 x seq {ARCEE_LONG_SEQ}, row 1 "
+        f"left-padded by {ARCEE_LONG_PAD}), rope.cos/rope.sin recorded; no attentions, no generation",
+        dict(rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings,
+             vocab_size=ARCEE_LONG_VOCAB, **config),
+        inputs="long", labels="lm", max_new_tokens=0)
+
+
+ARCEE_VARIANTS: dict[str, ArceeVariant] = {
+    "model": ArceeVariant("ArceeModel", "ArceeModel base: GQA 4/2 heads, head_dim 8, relu2 MLP, default RoPE"),
+    "causal-lm": _arcee_lm("ArceeForCausalLM with LM loss (labels with -100), untied lm_head, greedy generation"),
+    "causal-lm-tied": _arcee_lm("ArceeForCausalLM with tie_word_embeddings=True (no lm_head.weight stored)",
+                                tie_word_embeddings=True),
+    "causal-lm-tokenizer": ArceeVariant(
+        ARCEE_LM, "ArceeForCausalLM, vocab 320 with a Llama-3 style byte-level BPE tokenizer.json "
+        f"(split regex, {ARCEE_BOS} prepended by TemplateProcessing), text.ids from AutoTokenizer",
+        dict(vocab_size=TOKENIZER_VOCAB_SIZE), labels="lm", tokenizer=True),
+    "mha": _arcee_lm("ArceeForCausalLM with num_key_value_heads=4 (MHA)", num_key_value_heads=4),
+    "mqa": _arcee_lm("ArceeForCausalLM with num_key_value_heads=1 (MQA)", num_key_value_heads=1),
+    "bias": _arcee_lm("ArceeForCausalLM with attention_bias=True (q/k/v/o) and mlp_bias=True (up/down)",
+                      attention_bias=True, mlp_bias=True),
+    "act-silu": _arcee_lm("ArceeForCausalLM with hidden_act=silu", hidden_act="silu"),
+    "seqcls-single": ArceeVariant(
+        "ArceeForSequenceClassification",
+        "ArceeForSequenceClassification (GenericForSequenceClassification), 3 labels, problem_type inferred "
+        "single_label from int labels, pooling at the rightmost token != pad_token_id, score without bias",
+        dict(num_labels=3), labels="seqcls-single"),
+    "seqcls-regression": ArceeVariant(
+        "ArceeForSequenceClassification",
+        "ArceeForSequenceClassification, 1 label, problem_type inferred regression (MSE)",
+        dict(num_labels=1), labels="seqcls-regression"),
+    "seqcls-multilabel": ArceeVariant(
+        "ArceeForSequenceClassification",
+        "ArceeForSequenceClassification, 4 labels, multi_label_classification (BCE with logits)",
+        dict(num_labels=4, problem_type="multi_label_classification"), labels="seqcls-multilabel"),
+    "tokcls": ArceeVariant(
+        "ArceeForTokenClassification",
+        "ArceeForTokenClassification (GenericForTokenClassification), 5 labels, labels with -100, score with bias",
+        dict(num_labels=5), labels="tokcls"),
+    "qa": ArceeVariant(
+        "ArceeForQuestionAnswering",
+        "ArceeForQuestionAnswering (GenericForQuestionAnswering; base model stored under 'transformer.', not "
+        "'model.'), start/end positions, one beyond seq_len (clamped and ignored by HF)",
+        labels="qa"),
+    "rope-linear": _arcee_rope("ArceeForCausalLM, rope_scaling linear factor 2",
+                               {"rope_type": "linear", "factor": 2.0}),
+    "rope-dynamic": _arcee_rope(
+        f"ArceeForCausalLM, rope_scaling dynamic (NTK) factor 2, max_position_embeddings 64 < seq "
+        f"{ARCEE_LONG_SEQ} so HF recomputes inv_freq for seq_len {ARCEE_LONG_SEQ} in the forward (rope.inv_freq_used)",
+        {"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=64),
+    "rope-yarn": _arcee_rope(
+        "ArceeForCausalLM, rope_scaling yarn like AFM-4.5B's config ('type' and 'rope_type', mscale 1.0 without "
+        "mscale_all_dim, which HF ignores): factor 4, original_max_position_embeddings 16, beta_fast 32, beta_slow 1; "
+        "attention_factor defaults to 0.1*ln(4)+1",
+        {"rope_type": "yarn", "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0}),
+    "rope-yarn-attention-factor": _arcee_rope(
+        "ArceeForCausalLM, rope_scaling yarn with explicit attention_factor 1.3 (wins over mscale/mscale_all_dim), "
+        "factor 4, original_max_position_embeddings 64 (a fractional ramp: correction range [0, 2])",
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 1.3,
+         "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0}),
+    "rope-yarn-mscale": _arcee_rope(
+        "ArceeForCausalLM, rope_scaling yarn without attention_factor: attention_factor = "
+        "get_mscale(4, mscale=1)/get_mscale(4, mscale_all_dim=0.5); truncate=False (unrounded correction range), "
+        "factor 4, original_max_position_embeddings 64, max_position_embeddings 256 (= 64 x 4)",
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+         "mscale_all_dim": 0.5, "truncate": False}, max_position_embeddings=256),
+    "rope-longrope": _arcee_rope(
+        "ArceeForCausalLM, rope_scaling longrope (Phi-3 style: original_max_position_embeddings 16 at the config's "
+        "top level, where HF reads it; factor = max_position_embeddings/16 = 8 sets attention_factor "
+        f"sqrt(1 + ln 8/ln 16)); the {ARCEE_LONG_SEQ}-token forward uses long_factor (rope.inv_freq_used)",
+        {"rope_type": "longrope", "short_factor": [1.0, 1.25, 1.5, 2.0], "long_factor": [1.5, 3.0, 5.0, 11.0]},
+        original_max_position_embeddings=16),
+    "rope-llama3": _arcee_rope(
+        "ArceeForCausalLM, rope_scaling llama3 factor 8, low_freq_factor 1, high_freq_factor 4, "
+        "original_max_position_embeddings 64 (so the 4 frequencies hit all three regimes: kept, smoothed, divided)",
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64}),
+    "sharded": ArceeVariant(
+        ARCEE_LM, "ArceeForCausalLM saved with save_pretrained(max_shard_size='20KB'): "
+        "model.safetensors.index.json + 2 shards", labels="lm", checkpoint="sharded"),
+    "bf16": ArceeVariant(
+        ARCEE_LM, "ArceeForCausalLM checkpoint stored in bfloat16; outputs from that checkpoint loaded with "
+        "from_pretrained(dtype=float32) (exact upcast), then cast to float64", labels="lm", checkpoint="bf16"),
+}
+
+
+def arcee_long_attention_mask() -> np.ndarray:
+    mask = np.ones((ARCEE_LONG_BATCH, ARCEE_LONG_SEQ), dtype=np.int64)
+    mask[1, :ARCEE_LONG_PAD] = 0
+    return mask
+
+
+def arcee_inputs(v: ArceeVariant, rng: np.random.Generator, cfg) -> dict[str, np.ndarray]:
+    """Forward inputs (HF keyword names) for a variant, as numpy arrays."""
+    mask = arcee_long_attention_mask() if v.inputs == "long" else default_attention_mask()
+    x = {"input_ids": masked_ids(rng, mask, cfg.vocab_size, low=ARCEE_LOW_ID), "attention_mask": mask}
+    add_task_labels(x, v.labels, rng, mask, cfg)
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def train_llama3_style_tokenizer():
+    """Train a Llama-3 style byte-level BPE: 320 ids = <|pad|>, bos, eos (ids 0, 1, 2) + 256 bytes + 61 merges."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[ARCEE_PAD, ARCEE_BOS, ARCEE_EOS],  # ids 0, 1, 2
+        show_progress=False,
+    )
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    bos_id = tok.token_to_id(ARCEE_BOS)
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{ARCEE_BOS}:0 $A:0", pair=f"{ARCEE_BOS}:0 $A:0 {ARCEE_BOS}:1 $B:1",
+                                      special_tokens=[(ARCEE_BOS, bos_id)]),
+    ])
+    # Llama-3's BPE model has ignore_merges (a pre-token found whole in the vocab skips merging).
+    spec = json.loads(tok.to_str())
+    spec["model"]["ignore_merges"] = True
+    tok = Tokenizer.from_str(json.dumps(spec))
+    ids = [tok.token_to_id(t) for t in (ARCEE_PAD, ARCEE_BOS, ARCEE_EOS)]
+    want = [ARCEE_BASE_CONFIG[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")]
+    if tok.get_vocab_size() != TOKENIZER_VOCAB_SIZE or ids != want:
+        raise RuntimeError(f"tokenizer training gave vocab size {tok.get_vocab_size()} and pad/bos/eos ids {ids}; "
+                           f"need {TOKENIZER_VOCAB_SIZE} and {want}")
+    return tok
+
+
+def save_arcee_tokenizer(case_dir: Path) -> None:
+    """tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) as Llama-3 ships it: no vocab/merges."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=train_llama3_style_tokenizer(), bos_token=ARCEE_BOS,
+                                   eos_token=ARCEE_EOS, pad_token=ARCEE_PAD, clean_up_tokenization_spaces=False)
+    fast.save_pretrained(case_dir, legacy_format=False)
+
+
+def arcee_tokenizer_goldens(case_dir: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Encode ARCEE_TOKENIZER_TEXTS with AutoTokenizer from case_dir (bos prepended); cross-check tokenizers."""
+    from transformers import AutoTokenizer
+
+    fast = AutoTokenizer.from_pretrained(case_dir)
+    raw = train_llama3_style_tokenizer()
+    out = {}
+    for i, text in enumerate(ARCEE_TOKENIZER_TEXTS):
+        ids = fast(text)["input_ids"]
+        if raw.encode(text).ids != ids:
+            raise RuntimeError(f"{case_dir}: tokenizers disagrees with AutoTokenizer on {text!r}")
+        if ids[:1] != [ARCEE_BASE_CONFIG["bos_token_id"]] or fast.decode(ids) != ARCEE_BOS + text:
+            raise RuntimeError(f"{case_dir}: encode({text!r}) = {ids} decodes to {fast.decode(ids)!r}")
+        out[f"text.ids.{i}"] = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return out, list(ARCEE_TOKENIZER_TEXTS)
+
+
+def reinit_arcee(model, seed: int) -> None:
+    """Re-initialise every parameter so that attention is peaked and every flag shows.
+
+    Linear weights and biases ~ N(0, 0.2); RMSNorm weight ~ 1 + N(0, 0.2); embeddings
+    ~ N(0, 0.5) (the pad row too). Tied weights stay tied (lm_head <- embed_tokens).
+    Buffers (rotary inv_freq) are left as HF computed them.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied parameters appear once
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if isinstance(owner, torch.nn.Embedding):
+                p.copy_(0.5 * noise)
+            elif type(owner).__name__.endswith("RMSNorm"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif isinstance(owner, torch.nn.Linear):
+                p.copy_(0.2 * noise)
+            else:
+                raise TypeError(f"reinit_arcee: no rule for {name} in {type(owner).__name__}")
+    model.tie_weights()
+    lm_head = getattr(model, "lm_head", None)
+    tied = lm_head is not None and lm_head.weight.data_ptr() == model.base_model.embed_tokens.weight.data_ptr()
+    if lm_head is not None and tied != model.config.tie_word_embeddings:
+        raise RuntimeError(f"lm_head tied={tied} but config.tie_word_embeddings={model.config.tie_word_embeddings}")
+
+
+def check_reload(model, case_dir: Path, dtype=None):
+    """from_pretrained(case_dir) must give exactly the model's parameters; returns the loaded model."""
+    import torch
+
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    loaded = type(model).from_pretrained(case_dir, attn_implementation="eager", **kwargs).eval()
+    want, got = model.state_dict(), loaded.state_dict()
+    if want.keys() != got.keys():
+        raise RuntimeError(f"{case_dir}: reloaded keys differ: {sorted(set(want) ^ set(got))}")
+    for k in want:
+        if not torch.equal(want[k].to(got[k].dtype), got[k]):
+            raise RuntimeError(f"{case_dir}: reloaded {k} differs from the saved model")
+    return loaded
+
+
+def build_arcee(name: str, v: ArceeVariant, case_dir: Path) -> CaseInfo:
+    """Build, save and record one Arcee case into case_dir."""
+    import torch
+    import transformers
+
+    seed = case_seed(name)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    # deepcopy: the config mutates rope_scaling (adds rope_type next to a legacy 'type')
+    cfg = transformers.ArceeConfig(**{**ARCEE_BASE_CONFIG, **copy.deepcopy(v.config)})
+    if cfg.hidden_act not in transformers.activations.ACT2FN:
+        raise KeyError(f"activation {cfg.hidden_act!r} is not in transformers.activations.ACT2FN")
+    model_class = getattr(transformers, v.architecture)
+    model = model_class._from_config(cfg, attn_implementation="eager")
+    model.eval()
+    rotary = model.base_model.rotary_emb
+    if rotary.rope_type != v.rope_type:
+        raise RuntimeError(f"HF chose rope_type {rotary.rope_type!r}, expected {v.rope_type!r}")
+    record: dict[str, np.ndarray] = {
+        "rope.inv_freq": to_numpy(rotary.inv_freq),  # as constructed, float32
+        "rope.attention_scaling": np.asarray(rotary.attention_scaling, dtype=np.float64),
+    }
+    reinit_arcee(model, seed)
+    notes = [ARCEE_FP64_ROPE_NOTE, ARCEE_FP64_PRECISION_NOTE]
+
+    # Save before any forward: seq-cls mutates problem_type.
+    if v.checkpoint == "bf16":
+        model.to(torch.bfloat16).save_pretrained(case_dir, safe_serialization=True)
+        model = check_reload(model, case_dir, dtype=torch.float32)  # exact bf16 -> fp32 upcast, fresh inv_freq
+        rotary = model.base_model.rotary_emb
+        if not torch.equal(rotary.inv_freq, torch.from_numpy(record["rope.inv_freq"])):
+            raise RuntimeError("the reloaded model's inv_freq differs from the constructed one")
+        notes.append("outputs come from the bfloat16 checkpoint loaded with from_pretrained(dtype=torch.float32)")
+    elif v.checkpoint == "sharded":
+        model.save_pretrained(case_dir, safe_serialization=True, max_shard_size="20KB")
+        index = json.loads((case_dir / "model.safetensors.index.json").read_text())
+        if len(set(index["weight_map"].values())) < 2:
+            raise RuntimeError(f"expected >= 2 shards, got {sorted(set(index['weight_map'].values()))}")
+        check_reload(model, case_dir)
+    else:
+        model.save_pretrained(case_dir, safe_serialization=True)
+        check_reload(model, case_dir)
+    if v.tokenizer:
+        save_arcee_tokenizer(case_dir)
+
+    inputs = arcee_inputs(v, rng, cfg)
+    meta_extra: dict[str, str] = {}
+    if v.tokenizer:
+        ids, texts = arcee_tokenizer_goldens(case_dir)
+        record.update(ids)
+        meta_extra["texts"] = json.dumps(texts, ensure_ascii=False)
+    record.update(inputs)
+
+    recompute = v.rope_type in ("dynamic", "longrope")  # HF swaps inv_freq inside the forward
+    long = v.inputs == "long"
+    for dtype_name in DTYPES:
+        dtype = getattr(torch, dtype_name)
+        model.to(dtype)
+        captured = []
+        hook = rotary.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            outputs = run_forward(model, inputs, dtype)
+        finally:
+            hook.remove()
+        (cos, sin), = captured
+        used = to_numpy(rotary.inv_freq.float())
+        if long:
+            # keep logits, losses and hidden_states first/last; attentions ([B, H, 100, 100]) are too big
+            keep = ("hidden_states.0", f"hidden_states.{cfg.num_hidden_layers}")
+            outputs = {k: a for k, a in outputs.items() if not k.startswith("attentions.")
+                       and (not k.startswith("hidden_states.") or k in keep)}
+        record.update({f"{dtype_name}/{k}": a for k, a in outputs.items()})
+        nan_rows = sorted({int(r) for a in outputs.values() if a.ndim and np.isnan(a).any()
+                           for r in np.argwhere(np.isnan(a).reshape(a.shape[0], -1).any(-1)).reshape(-1)})
+        nan_keys = [k for k, a in outputs.items() if np.isnan(a).any()]
+        if nan_keys:
+            if dtype_name != "float64":
+                raise RuntimeError(f"{name}: HF {dtype_name} outputs contain NaN: {nan_keys}")
+            notes.append(ARCEE_FP64_NAN_NOTE + f" (here: batch rows {nan_rows}; keys {', '.join(nan_keys)})")
+        if dtype_name == "float32":
+            if long:
+                shape = (ARCEE_LONG_BATCH, ARCEE_LONG_SEQ, cfg.head_dim)  # HF gives [1, T, D] for default positions
+                record["rope.cos"] = np.broadcast_to(to_numpy(cos), shape).copy()
+                record["rope.sin"] = np.broadcast_to(to_numpy(sin), shape).copy()
+            if recompute:
+                record["rope.inv_freq_used"] = used
+                if np.array_equal(used, record["rope.inv_freq"]):
+                    raise RuntimeError(f"{v.rope_type}: the long forward did not change inv_freq")
+            if v.generate:
+                prompt_ids, prompt_mask = gpt2_generate_prompts(rng, cfg.vocab_size, low=ARCEE_LOW_ID)
+                record.update(run_generate(model, prompt_ids, prompt_mask, pad=cfg.pad_token_id,
+                                           eos=cfg.eos_token_id, max_new_tokens=v.max_new_tokens))
+        elif not np.array_equal(used, record.get("rope.inv_freq_used", record["rope.inv_freq"])):
+            raise RuntimeError(f"{name}: the float64 forward used another inv_freq than the float32 one")
+    if long:
+        notes.append(f"to stay small: no attentions, hidden_states only .0 and .{cfg.num_hidden_layers} (last); "
+                     "rope.cos/rope.sin broadcast to [B, T, head_dim] from HF's [1, T, head_dim]")
+
+    metadata = {
+        "case": name, "family": "arcee", "architecture": v.architecture,
+        "transformers": transformers.__version__, "torch": torch.__version__,
+        "description": v.description, "notes": "; ".join(notes), **meta_extra,
+    }
+    atomic_write_bytes(case_dir / "golden.safetensors", safetensors_bytes(record, metadata))
+    return CaseInfo("arcee", v.architecture, v.description)
+
+
+# --------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------
 
@@ -573,6 +967,12 @@ def register_gpt2() -> None:
             continue
         name = f"gpt2/{case}"
         CASES[name] = functools.partial(build_gpt2, name, variant)
+
+
+def register_arcee() -> None:
+    for case, variant in ARCEE_VARIANTS.items():
+        name = f"arcee/{case}"
+        CASES[name] = functools.partial(build_arcee, name, variant)
 
 
 # --------------------------------------------------------------------------------------
@@ -658,6 +1058,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.use_deterministic_algorithms(True)
     transformers.logging.set_verbosity_error()
     register_gpt2()
+    register_arcee()
 
     names = select(args.only)
     args.out.mkdir(parents=True, exist_ok=True)
