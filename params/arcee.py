@@ -92,8 +92,11 @@ def skeleton(config: ArceeConfig, dtype=np.float32) -> ArceeParams:
 
 
 def base_prefix(config: ArceeConfig) -> str:
-    """HF saves `ArceeModel` with bare keys and every head class with the body under `model.`."""
-    return "" if config.architecture == "ArceeModel" else "model."
+    """HF saves `ArceeModel` with bare keys, the QA head's body under `transformer.` (kept
+    "for BC" in HF's ArceeForQuestionAnswering), and every other head's under `model.`."""
+    if config.architecture == "ArceeModel":
+        return ""
+    return "transformer." if config.architecture == "ArceeForQuestionAnswering" else "model."
 
 
 def name_rules(config: ArceeConfig) -> list[NameRule]:

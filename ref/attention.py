@@ -24,24 +24,29 @@ FUTURE_FINFO_MIN = "finfo.min"  # Llama-style (Arcee): one additive mask, finfo.
 
 
 def mask_scores(scores: jax.Array, key_valid: jax.Array, causal: jax.Array | None,
-                future_fill: str = FUTURE_NEG_INF) -> jax.Array:
+                future_fill: str = FUTURE_NEG_INF, filled: jax.Array | None = None) -> jax.Array:
     """Apply padding and causal masks exactly as HF's eager attention does.
 
     scores [B, N, T, S]; key_valid [B, S] (1 = real token); causal [T, S] or None.
     A pad key gets `finfo.min`, never -inf, so every row stays finite (never NaN). A query
     with no real key at all (a left-pad query) then attends uniformly: to its past keys
     when future keys are -inf (GPT-2), to every key when they are finfo.min too (Arcee).
+    `filled`: number of cache slots that hold a key; later slots do not exist in HF's
+    growing cache, so they are -inf whatever `future_fill` says.
     """
     lowest = jnp.asarray(jnp.finfo(scores.dtype).min, scores.dtype)
     scores = jnp.where(key_valid[:, None, None, :], scores, lowest)
     if causal is not None:
         scores = jnp.where(causal, scores, -jnp.inf if future_fill == FUTURE_NEG_INF else lowest)
+    if filled is not None:
+        exists = jnp.arange(scores.shape[-1], dtype=filled.dtype) < filled  # [S]
+        scores = jnp.where(exists, scores, -jnp.inf)
     return scores
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, causal: jax.Array | None,
-                      scale: float, score_dtype=None, future_fill: str = FUTURE_NEG_INF
-                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      scale: float, score_dtype=None, future_fill: str = FUTURE_NEG_INF,
+                      filled: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """softmax(mask(q k^T * scale)) v.
 
     q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N; key_valid [B, S] bool;
@@ -57,7 +62,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.A
     q_grouped = q.reshape(B, T, K, N // K, H).astype(score_dtype)  # [B, T, K, G, H]
     scores = jnp.einsum("btkgh,bskh->bkgts", q_grouped, k.astype(score_dtype)) * jnp.asarray(scale, score_dtype)
     scores = scores.reshape(B, N, T, S)  # [B, N, T, S]
-    probs = jax.nn.softmax(mask_scores(scores, key_valid, causal, future_fill), axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(mask_scores(scores, key_valid, causal, future_fill, filled), axis=-1).astype(v.dtype)
     probs_grouped = probs.reshape(B, K, N // K, T, S)
     context = jnp.einsum("bkgts,bskh->btkgh", probs_grouped, v).reshape(B, T, N, H)
     return context, probs, scores

@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any, Callable
 
 from ref import generate as generate_lib
-from ref import gpt2
+from ref import arcee, gpt2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +17,7 @@ class FamilyOps:
     forward: Callable[..., Any]
     init_cache: Callable[..., Any]
     lm_architectures: tuple[str, ...]  # heads that produce next-token logits (can generate)
-    max_positions: Callable[[Any], int]  # config -> size of the position table
+    max_positions: Callable[[Any], int | None]  # config -> size of the position table (None: RoPE, no table)
 
     def generate(self, params, config, input_ids, attention_mask=None, *, max_new_tokens: int,
                  sampling: generate_lib.Sampling = generate_lib.Sampling(), key=None, return_logits=False):
@@ -39,5 +39,11 @@ FAMILIES: dict[str, FamilyOps] = {
         init_cache=gpt2.init_cache,
         lm_architectures=("GPT2LMHeadModel", "GPT2DoubleHeadsModel"),
         max_positions=lambda config: config.n_positions,
+    ),
+    "arcee": FamilyOps(
+        forward=arcee.forward,
+        init_cache=arcee.init_cache,
+        lm_architectures=("ArceeForCausalLM",),
+        max_positions=lambda config: None,
     ),
 }

@@ -8,7 +8,6 @@ level, so importing this file never fails on a machine without the `reference` e
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any, Mapping
 
 import numpy as np
@@ -86,19 +85,25 @@ def build_hf_model(architecture: str, config_kwargs: Mapping[str, Any], seed: in
 
 def hf_outputs(model, inputs: Mapping[str, np.ndarray], dtype) -> dict[str, Any]:
     """One no-grad forward with every output. Floating inputs are cast to `dtype` (a torch
-    dtype); the model must already be in that dtype. Tuple fields become lists of arrays."""
+    dtype); the model must already be in that dtype. Tuple fields become lists of arrays.
+
+    `use_cache` is left at HF's default (config.use_cache = True) and the returned cache is
+    dropped. Not `use_cache=False`: in transformers 4.57, a call with use_cache=False and no
+    attention_mask treats non-consecutive position_ids as *packed sequences* (block-diagonal
+    mask, masking_utils.find_packed_sequence_indices); the default call does not, and
+    refjax follows the default call."""
     import torch
 
     kwargs = {}
     for k, v in inputs.items():
         t = torch.from_numpy(np.asarray(v))
         kwargs[k] = t.to(dtype) if t.is_floating_point() else t
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = False  # no past_key_values among the outputs
     with torch.no_grad():
         out = model(**kwargs, output_hidden_states=True, output_attentions=True, return_dict=True)
     result: dict[str, Any] = {}
     for field, value in out.items():
+        if field == "past_key_values":
+            continue
         if isinstance(value, torch.Tensor):
             result[field] = value.detach().numpy().copy()
         elif isinstance(value, tuple):

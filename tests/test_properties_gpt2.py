@@ -56,7 +56,7 @@ def fields(out) -> dict:
 # 1. Causality
 # ---------------------------------------------------------------------------------------
 
-@hsettings(12)
+@hsettings(8)
 @given(config=configs(), data=st.data())
 def test_causality(config, data):
     """Changing token t of one row changes nothing at positions < t of that row (and nothing
@@ -88,7 +88,7 @@ def test_causality(config, data):
 # 2. Padding invariance and batch independence
 # ---------------------------------------------------------------------------------------
 
-@hsettings(10)
+@hsettings(6)
 @given(config=configs(), data=st.data())
 def test_padding_invariance_and_batch_independence(config, data):
     """A row of n real tokens gives the same real-token outputs unpadded ([1, n]), with right
@@ -201,7 +201,7 @@ def test_fully_padded_row_is_finite(config, arch, dtype, data):
 # 4. KV cache == full forward
 # ---------------------------------------------------------------------------------------
 
-@hsettings(8)
+@hsettings(5)
 @given(config=configs(), data=st.data())
 def test_kv_cache_matches_full_forward(config, data):
     """Left-padded prefill then token-by-token decoding with the cache gives, at every step,
@@ -270,7 +270,7 @@ def loop_forward(params, config, ids, mask, pos):
     return last, hidden[:-1] + [last]
 
 
-@hsettings(10)
+@hsettings(6)
 @given(config=configs(), data=st.data())
 def test_scan_equals_python_loop(config, data):
     """forward's lax.scan over stacked layers == an eager loop applying gpt2.block per layer. fp64, 1e-12."""
@@ -302,8 +302,10 @@ def test_jit_equals_eager_forward(arch, config, data):
     seed = data.draw(SEEDS)
     rng = np.random.default_rng(seed)
     config = dataclasses.replace(config, pad_token_id=0)
-    config, params = with_head(random_params(config, seed), config, arch, seed + 1,
-                               num_labels=data.draw(st.integers(1, 4)))
+    # Double heads: num_labels=1 (HF's setup; with more labels mc_logits are [B, C, labels] and
+    # the mc_loss shapes do not match, in HF as here).
+    num_labels = 1 if arch == "GPT2DoubleHeadsModel" else data.draw(st.integers(1, 4))
+    config, params = with_head(random_params(config, seed), config, arch, seed + 1, num_labels=num_labels)
     ids, mask = head_batch(config, rng, B, T)
     kw = head_inputs(config, rng, ids, mask)
     jitted = fields(FWD(params, config, **kw, output_hidden_states=True, output_attentions=True))

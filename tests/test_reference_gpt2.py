@@ -12,6 +12,9 @@ Documented exceptions (HF 4.57.6 behaviour, not refjax bugs):
   refjax computes the scores in float64. Only float32 is compared for those configs.
 - float64 `GPT2LMHeadModel` loss: HF's `ForCausalLMLoss` casts logits with `.float()`, so
   its loss is float32; refjax keeps float64. Compared at float32 tolerance.
+- HF is called with its default `use_cache=True` (see `hf_helpers.hf_outputs`): with
+  `use_cache=False` and no attention_mask, HF 4.57 reads non-consecutive position_ids as
+  packed sequences and masks across them; refjax, like HF's default call, does not.
 - `GPT2DoubleHeadsModel` with [B, C, T] inputs and `position_ids`: HF does not flatten
   them to [B*C, T] (its embedding sum fails or broadcasts wrongly), so those cases draw none.
 - `GPT2DoubleHeadsModel.__init__` sets `config.num_labels = 1`; `mc_labels` are drawn only
@@ -384,13 +387,17 @@ def test_double_heads_config_labels_are_forced_to_one(labels_in_config):
 # 2. refjax save_checkpoint -> HF from_pretrained
 # --------------------------------------------------------------------------------------
 
-def _outputs_identical(a: dict, b: dict) -> None:
+def _outputs_agree(a: dict, b: dict) -> None:
+    """Outputs of two HF models with bit-identical weights. Not bitwise: torch may pick
+    another matmul kernel for a reloaded (differently laid out) weight, 1 ulp apart; the
+    HF -> save_pretrained -> from_pretrained round trip shows the same."""
     assert a.keys() == b.keys()
     for k in a:
         xs, ys = (a[k], b[k]) if isinstance(a[k], list) else ([a[k]], [b[k]])
-        for x, y in zip(xs, ys, strict=True):
-            assert x.dtype == y.dtype and x.shape == y.shape, k
-            assert np.array_equal(x, y, equal_nan=True), f"{k}: reloaded model differs from the original"
+        assert len(xs) == len(ys), k
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            assert x.dtype == y.dtype, k
+            assert_close(f"reloaded {k}[{i}]", x, y, 1e-6)
 
 
 @settings(max_examples=12, **SETTINGS)
@@ -423,7 +430,7 @@ def test_save_checkpoint_loads_in_hf(case: Case, sharded: bool):
     assert state.keys() == original.keys()
     for k in original:
         assert state[k].dtype == original[k].dtype and np.array_equal(state[k], original[k]), k
-    _outputs_identical(hf_outputs(reloaded, case.inputs, torch.float32),
+    _outputs_agree(hf_outputs(reloaded, case.inputs, torch.float32),
                          hf_outputs(model, case.inputs, torch.float32))
 
 

@@ -595,6 +595,10 @@ ARCEE_FP64_NAN_NOTE = (
     "float64 NaN: the eager mask adds finfo(float64).min, which softmax(dtype=float32) turns into -inf, so a "
     "fully masked query row (a left-pad position) is NaN; its NaN keys then poison every query of that row in the "
     "next layer, and the loss")
+ARCEE_PAD_NOTE = (
+    "forward position_ids default to arange(T) for every row (generate derives cumsum(mask)-1 instead); a fully "
+    "masked query row (a left-pad position) attends uniformly to all T keys, future ones included, because every "
+    "score + finfo.min rounds to finfo.min")
 
 # Llama-3 style tokenizer: byte-level BPE behind Llama-3's split regex, bos prepended by a
 # TemplateProcessing post-processor. Special ids match ARCEE_BASE_CONFIG's pad/bos/eos.
@@ -865,7 +869,7 @@ def build_arcee(name: str, v: ArceeVariant, case_dir: Path) -> CaseInfo:
         "rope.attention_scaling": np.asarray(rotary.attention_scaling, dtype=np.float64),
     }
     reinit_arcee(model, seed)
-    notes = [ARCEE_FP64_ROPE_NOTE, ARCEE_FP64_PRECISION_NOTE]
+    notes = [ARCEE_PAD_NOTE, ARCEE_FP64_ROPE_NOTE, ARCEE_FP64_PRECISION_NOTE]
 
     # Save before any forward: seq-cls mutates problem_type.
     if v.checkpoint == "bf16":
