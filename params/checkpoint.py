@@ -57,7 +57,7 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, dtype: Any = None) -> Che
     """Load config and weights with strict checks; `dtype` casts floats (None keeps them)."""
     family, config, raw = load_config(checkpoint_dir)
     module = FAMILIES[family].module
-    tensors = io.read_checkpoint_tensors(checkpoint_dir)
+    tensors = io.read_checkpoint_tensors(checkpoint_dir, lazy=True)
     params = io.tree_from_tensors(
         tensors, module.skeleton(config), module.name_rules(config), module.dropped_keys(config),
         base_prefix=module.base_prefix(config), dtype=dtype)

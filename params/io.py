@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -77,8 +78,37 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
 # --------------------------------------------------------------------------------------
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """All tensors of one safetensors file (memory-mapped, read-only) and its metadata."""
+class LazyTensor:
+    """A tensor still on disk: shape and dtype now, bytes only when `np.asarray` asks.
+
+    Reading copies into a fresh buffer (no memory map), so a loader that converts one
+    tensor at a time holds at most that tensor in host memory beyond the result."""
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def read_into(self, out: np.ndarray) -> np.ndarray:
+        """Read the bytes into `out` (shape and dtype must match): reuse one host buffer."""
+        assert out.shape == self.shape and out.dtype == self.dtype and out.flags.c_contiguous
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            if f.readinto(view) != self.nbytes:
+                raise CheckpointError(f"{self.path}: file ends inside a tensor")
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        array = self.read_into(np.empty(self.shape, self.dtype))
+        return array if dtype is None else array.astype(dtype)
+
+
+def read_safetensors(path: str | os.PathLike, lazy: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """All tensors of one safetensors file and its metadata: memory-mapped read-only arrays,
+    or `LazyTensor`s (read on demand into fresh buffers) with `lazy=True`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"safetensors file {path!r} does not exist")
@@ -100,7 +130,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
-        if end - begin == 0:
+        if lazy:
+            tensors[name] = LazyTensor(path, data_start + begin, shape, dtype)
+        elif end - begin == 0:
             tensors[name] = np.zeros(shape, dtype)
         else:
             tensors[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
@@ -131,13 +163,14 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metad
             f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
-def read_checkpoint_tensors(checkpoint_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of a HF checkpoint dir: `model.safetensors` or a sharded index."""
+def read_checkpoint_tensors(checkpoint_dir: str | os.PathLike, lazy: bool = False) -> dict[str, Any]:
+    """Every tensor of a HF checkpoint dir: `model.safetensors` or a sharded index
+    (memory-mapped arrays, or `LazyTensor`s with `lazy=True`)."""
     checkpoint_dir = os.fspath(checkpoint_dir)
     single = os.path.join(checkpoint_dir, SINGLE_FILE)
     index = os.path.join(checkpoint_dir, INDEX_FILE)
     if os.path.isfile(single):
-        return read_safetensors(single)[0]
+        return read_safetensors(single, lazy)[0]
     if not os.path.isfile(index):
         found = sorted(os.listdir(checkpoint_dir)) if os.path.isdir(checkpoint_dir) else []
         hint = " (refjax reads only safetensors; convert .bin files first)" if any(n.endswith(".bin") for n in found) else ""
@@ -154,7 +187,7 @@ def read_checkpoint_tensors(checkpoint_dir: str | os.PathLike) -> dict[str, np.n
         shard_path = os.path.join(checkpoint_dir, shard)
         if os.path.dirname(shard) or not os.path.isfile(shard_path):
             raise FileNotFoundError(f"{index} names shard {shard!r}, which is not a file in {checkpoint_dir!r}")
-        shard_tensors, _ = read_safetensors(shard_path)
+        shard_tensors, _ = read_safetensors(shard_path, lazy)
         for name, array in shard_tensors.items():
             if weight_map.get(name) != shard:
                 raise CheckpointError(
@@ -246,6 +279,14 @@ def tree_from_tensors(tensors: Mapping[str, np.ndarray], skeleton: Any, rules: l
     by_path = {r.path: r for r in rules}
     used: set[str] = set()
     leaves = []
+
+    def to_device(part, rule):  # one tensor: read into a fresh host buffer, transpose, move, cast
+        # A fresh buffer each time: device_put may alias host memory while dispatch is
+        # asynchronous, so a reused scratch buffer would be overwritten under it.
+        array = np.asarray(part)
+        array = np.swapaxes(array, -1, -2) if rule.transpose else array
+        return jax.device_put(array).astype(dtype or array.dtype)
+
     for path, spec in tree_paths(skeleton):
         rule = by_path[path]
         keys = [rule.hf.format(i=i) for i in range(spec.shape[0])] if "{i}" in rule.hf else [rule.hf]
@@ -260,13 +301,25 @@ def tree_from_tensors(tensors: Mapping[str, np.ndarray], skeleton: Any, rules: l
             if not jax.numpy.issubdtype(array.dtype, jax.numpy.floating):  # numpy alone misses bfloat16
                 raise CheckpointError(f"tensor {key!r} has dtype {array.dtype}; expected a floating dtype")
             used.add(key)
-            parts.append(np.swapaxes(array, -1, -2) if rule.transpose else array)
-        leaf = np.stack(parts) if "{i}" in rule.hf else parts[0]
-        leaves.append(jax.numpy.asarray(leaf, dtype=dtype or leaf.dtype))
+            parts.append(array)
+        if "{i}" in rule.hf:  # fill the [L, ...] stack layer by layer, in place: no second copy of the group
+            leaf_dtype = dtype or parts[0].dtype
+            leaf = jax.numpy.zeros((len(parts),) + _hf_shape(per_key_shape, rule), leaf_dtype)
+            for i, part in enumerate(parts):
+                leaf = _set_layer(leaf, to_device(part, rule), np.int32(i))
+        else:
+            leaf = to_device(parts[0], rule)
+        leaves.append(leaf)
     for key in sorted(set(tensors) - used):
         if not any(re.fullmatch(pattern, key) for pattern in dropped):
             raise CheckpointError(f"unexpected tensor {key!r} (shape {list(tensors[key].shape)}) in checkpoint")
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(skeleton), leaves)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack: jax.Array, layer: jax.Array, index) -> jax.Array:
+    """stack[index] = layer, reusing stack's buffer (donated)."""
+    return jax.lax.dynamic_update_index_in_dim(stack, layer.astype(stack.dtype), index, 0)
 
 
 def tensors_from_tree(tree: Any, rules: list[NameRule]) -> dict[str, np.ndarray]:
