@@ -18,12 +18,12 @@ from params.arcee import ArceeLayer, ArceeParams
 from params.config import ArceeConfig
 from ref import cache as cache_lib
 from ref import heads, losses, nn, rotary
-from ref.attention import FUTURE_FINFO_MIN, causal_mask, softmax_attention
+from ref.attention import FUTURE_FINFO_MIN, causal_mask, fast_attention, softmax_attention
 from ref.cache import KVCache, write_slots
 from ref.validate import as_arrays, check_task_labels, check_token_inputs
 
 
-def attention(p: ArceeLayer, config: ArceeConfig, x, cos, sin, key_valid, causal, kv_cache, start):
+def attention(p: ArceeLayer, config: ArceeConfig, x, cos, sin, key_valid, causal, kv_cache, start, fast=False):
     """GQA self-attention with RoPE on q and k. x [B, T, D] (already RMS-normed)."""
     B, T, _ = x.shape
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -37,8 +37,11 @@ def attention(p: ArceeLayer, config: ArceeConfig, x, cos, sin, key_valid, causal
         k_all, v_all = k_rot, v
     # HF's Llama-style mask is one additive finfo.min mask for pad and future keys alike.
     filled = None if kv_cache is None else start + T
-    context, probs, scores = softmax_attention(q_rot, k_all, v_all, key_valid, causal, H ** -0.5,
-                                               future_fill=FUTURE_FINFO_MIN, filled=filled)
+    if fast:  # jax.nn.dot_product_attention; no probabilities (see ref/attention.py)
+        context, probs, scores = fast_attention(q_rot, k_all, v_all, key_valid, causal, H ** -0.5, filled), None, None
+    else:
+        context, probs, scores = softmax_attention(q_rot, k_all, v_all, key_valid, causal, H ** -0.5,
+                                                   future_fill=FUTURE_FINFO_MIN, filled=filled)
     out = nn.linear(p.self_attn.o_proj, context.reshape(B, T, N * H))
     taps = {"self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v, "self_attn.q_rot": q_rot,
             "self_attn.k_rot": k_rot, "self_attn.scores": scores, "self_attn.probs": probs,
@@ -54,11 +57,12 @@ def mlp(p: ArceeLayer, config: ArceeConfig, x):
     return out, {"mlp.up_proj": up, "mlp.act": act, "mlp.down_proj": out}
 
 
-def decoder_layer(p: ArceeLayer, config: ArceeConfig, x, cos, sin, key_valid, causal, kv_cache=None, start=None):
+def decoder_layer(p: ArceeLayer, config: ArceeConfig, x, cos, sin, key_valid, causal, kv_cache=None, start=None,
+                  fast=False):
     """HF `ArceeDecoderLayer`. p holds ONE layer's params (scan slices the stack)."""
     eps = config.rms_norm_eps
     h1 = nn.rms_norm(p.input_layernorm, x, eps)
-    attn_out, probs, new_kv, attn_taps = attention(p, config, h1, cos, sin, key_valid, causal, kv_cache, start)
+    attn_out, probs, new_kv, attn_taps = attention(p, config, h1, cos, sin, key_valid, causal, kv_cache, start, fast)
     x = x + attn_out
     h2 = nn.rms_norm(p.post_attention_layernorm, x, eps)
     mlp_out, mlp_taps = mlp(p, config, h2)
@@ -69,7 +73,7 @@ def decoder_layer(p: ArceeLayer, config: ArceeConfig, x, cos, sin, key_valid, ca
 
 
 def model(p: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=None, position_ids=None,
-          inputs_embeds=None, cache: KVCache | None = None, want_taps=False):
+          inputs_embeds=None, cache: KVCache | None = None, want_taps=False, fast=False):
     """HF `ArceeModel`: returns (last_hidden_state, hidden_states, attentions, new_cache, taps).
 
     Same position and cache conventions as ref/gpt2.py: positions default to the slot
@@ -93,7 +97,7 @@ def model(p: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=No
     def step(x, layer):
         layer_params, kv = layer
         x_in = x
-        x, probs, new_kv, taps = decoder_layer(layer_params, config, x, cos, sin, key_valid, causal, kv, start)
+        x, probs, new_kv, taps = decoder_layer(layer_params, config, x, cos, sin, key_valid, causal, kv, start, fast)
         return x, (x_in, probs, new_kv if cache is not None else None, taps if want_taps else None)
 
     kv_stack = None if cache is None else (cache.keys, cache.values)
@@ -113,19 +117,22 @@ def model(p: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=No
 def forward(params: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=None, position_ids=None,
             inputs_embeds=None, labels=None, start_positions=None, end_positions=None, cache: KVCache | None = None,
             *, logits_to_keep: int = 0, output_hidden_states=False, output_attentions=False,
-            taps=False) -> heads.Output:
+            taps=False, fast=False) -> heads.Output:
     """Any HF Arcee class, chosen by `config.architecture`; returns HF's output fields.
 
     `logits_to_keep` (ArceeForCausalLM): compute logits for only the last n positions
     (0 = all), as HF does; the loss then needs n = 0 (HF shifts labels against all logits).
     RoPE has no position table, so sequences may run past max_position_embeddings
     (dynamic/yarn/longrope scaling decide what that means), as in HF.
+    `fast=True` uses `jax.nn.dot_product_attention` (no attentions or attention taps).
     """
     x = as_arrays(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   inputs_embeds=inputs_embeds, labels=labels, start_positions=start_positions,
                   end_positions=end_positions)
     input_ids, attention_mask, position_ids, inputs_embeds, labels, start_positions, end_positions = x.values()
     arch = config.architecture
+    if fast and (output_attentions or taps):
+        raise ValueError("fast=True computes no attention probabilities; use fast=False for attentions or taps")
     shape = check_token_inputs(vocab_size=config.vocab_size, hidden_size=config.hidden_size, input_ids=input_ids,
                                attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
                                cache=cache, max_positions=None)
@@ -139,7 +146,7 @@ def forward(params: ArceeParams, config: ArceeConfig, input_ids=None, attention_
         check_task_labels("token", labels, shape, config.num_labels)
 
     last, hidden_states, attentions, new_cache, tap_values = model(
-        params, config, input_ids, attention_mask, position_ids, inputs_embeds, cache, taps)
+        params, config, input_ids, attention_mask, position_ids, inputs_embeds, cache, taps, fast)
     out = dict(last_hidden_state=last, cache=new_cache, taps=tap_values,
                hidden_states=hidden_states if output_hidden_states else None,
                attentions=attentions if output_attentions else None)

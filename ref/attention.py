@@ -66,3 +66,17 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.A
     probs_grouped = probs.reshape(B, K, N // K, T, S)
     context = jnp.einsum("bkgts,bskh->btkgh", probs_grouped, v).reshape(B, T, N, H)
     return context, probs, scores
+
+
+def fast_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, causal: jax.Array,
+                   scale: jax.Array | float, filled: jax.Array | None = None) -> jax.Array:
+    """The fast path: `jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on GPU),
+    GQA without repeating K/V. Same result as `softmax_attention` for every query that has
+    a real key; rows with none (pad queries) are implementation-defined, as in HF's SDPA.
+    No probabilities are returned. q [B, T, N, H], k/v [B, S, K, H] -> context [B, T, N, H]."""
+    mask = causal[None, None, :, :] & key_valid[:, None, None, :]  # [B, 1, T, S]
+    if filled is not None:
+        mask = mask & (jnp.arange(k.shape[1], dtype=filled.dtype) < filled)
+    q = q * jnp.asarray(scale, q.dtype)  # the scale may be traced (GPT-2's per-layer 1/(layer+1))
+    with jax.numpy_dtype_promotion("standard"):  # JAX's own code mixes fp32 into fp64 inputs
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)

@@ -20,7 +20,8 @@ class FamilyOps:
     max_positions: Callable[[Any], int | None]  # config -> size of the position table (None: RoPE, no table)
 
     def generate(self, params, config, input_ids, attention_mask=None, *, max_new_tokens: int,
-                 sampling: generate_lib.Sampling = generate_lib.Sampling(), key=None, return_logits=False):
+                 sampling: generate_lib.Sampling = generate_lib.Sampling(), key=None, return_logits=False,
+                 fast: bool = False):
         """`ref.generate.generate` with this family's forward and cache, stopping at the
         config's eos id and padding finished rows with its pad id (eos when unset, as HF)."""
         if config.architecture not in self.lm_architectures:
@@ -30,7 +31,7 @@ class FamilyOps:
             self.forward, self.init_cache, params, config, input_ids, attention_mask,
             max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=config.eos_token_id,
             pad_token_id=config.pad_token_id, key=key, max_positions=self.max_positions(config),
-            return_logits=return_logits)
+            return_logits=return_logits, fast=fast)
 
 
 FAMILIES: dict[str, FamilyOps] = {

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from params.config import GPT2Config
 from params.gpt2 import GPT2Block, GPT2Body, GPT2Params
 from ref import heads, losses, nn
-from ref.attention import causal_mask, softmax_attention
+from ref.attention import causal_mask, fast_attention, softmax_attention
 from ref import cache as cache_lib
 from ref.cache import KVCache, write_slots
 from ref.validate import as_arrays, check_labels, check_task_labels, check_token_inputs
@@ -34,7 +34,7 @@ def embed(p: GPT2Body, config: GPT2Config, input_ids, inputs_embeds, position_id
     return x
 
 
-def attention(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal, kv_cache, start):
+def attention(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal, kv_cache, start, fast=False):
     """Causal self-attention of one layer. x [B, T, D] (already ln_1-normed).
 
     HF eager order: scores = q k^T / sqrt(H) [/ (layer_idx + 1)], masked with finfo.min,
@@ -52,7 +52,10 @@ def attention(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal,
     if config.scale_attn_by_inverse_layer_idx:
         scale = scale / (layer_idx + 1).astype(x.dtype)
     score_dtype = nn.accum_dtype(x.dtype) if config.reorder_and_upcast_attn else None
-    context, probs, scores = softmax_attention(q, k, v, key_valid, causal, scale, score_dtype)
+    if fast:  # jax.nn.dot_product_attention; no probabilities (see ref/attention.py)
+        context, probs, scores = fast_attention(q, k, v, key_valid, causal, scale), None, None
+    else:
+        context, probs, scores = softmax_attention(q, k, v, key_valid, causal, scale, score_dtype)
     out = nn.linear(p.attn.c_proj, context.reshape(B, T, D))
     taps = {"attn.q": q, "attn.k": k, "attn.v": v, "attn.scores": scores, "attn.probs": probs,
             "attn.context": context, "attn.c_proj": out}
@@ -67,11 +70,11 @@ def mlp(p: GPT2Block, config: GPT2Config, x):
     return out, {"mlp.c_fc": h, "mlp.act": a, "mlp.c_proj": out}
 
 
-def block(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal, kv_cache=None, start=None):
+def block(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal, kv_cache=None, start=None, fast=False):
     """HF `GPT2Block` (pre-LN). p holds ONE layer's params (scan slices the stack)."""
     eps = config.layer_norm_epsilon
     h1 = nn.layer_norm(p.ln_1, x, eps)
-    attn_out, probs, new_kv, attn_taps = attention(p, config, h1, layer_idx, key_valid, causal, kv_cache, start)
+    attn_out, probs, new_kv, attn_taps = attention(p, config, h1, layer_idx, key_valid, causal, kv_cache, start, fast)
     x = x + attn_out
     h2 = nn.layer_norm(p.ln_2, x, eps)
     mlp_out, mlp_taps = mlp(p, config, h2)
@@ -81,7 +84,7 @@ def block(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal, kv_
 
 
 def transformer(p: GPT2Body, config: GPT2Config, input_ids=None, attention_mask=None, token_type_ids=None,
-                position_ids=None, inputs_embeds=None, cache: KVCache | None = None, want_taps=False):
+                position_ids=None, inputs_embeds=None, cache: KVCache | None = None, want_taps=False, fast=False):
     """HF `GPT2Model`: returns (last_hidden_state, hidden_states, attentions, new_cache, taps).
 
     input_ids [B, T]; attention_mask [B, T] (1 = real token; padding anywhere).
@@ -104,7 +107,7 @@ def transformer(p: GPT2Body, config: GPT2Config, input_ids=None, attention_mask=
     def step(x, layer):
         layer_params, layer_idx, kv = layer
         x_in = x
-        x, probs, new_kv, taps = block(layer_params, config, x, layer_idx, key_valid, causal, kv, start)
+        x, probs, new_kv, taps = block(layer_params, config, x, layer_idx, key_valid, causal, kv, start, fast)
         return x, (x_in, probs, new_kv if cache is not None else None, taps if want_taps else None)
 
     kv_stack = None if cache is None else (cache.keys, cache.values)
@@ -124,8 +127,11 @@ def transformer(p: GPT2Body, config: GPT2Config, input_ids=None, attention_mask=
 def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_mask=None, token_type_ids=None,
             position_ids=None, inputs_embeds=None, labels=None, mc_token_ids=None, mc_labels=None,
             start_positions=None, end_positions=None, cache: KVCache | None = None, *,
-            output_hidden_states=False, output_attentions=False, taps=False) -> heads.Output:
+            output_hidden_states=False, output_attentions=False, taps=False, fast=False) -> heads.Output:
     """Any HF GPT-2 class, chosen by `config.architecture`; returns HF's output fields.
+
+    `fast=True` uses `jax.nn.dot_product_attention` (same weights; equal to the readable
+    path on real tokens, tested); it cannot return attentions or attention taps.
 
     GPT2DoubleHeadsModel takes input_ids [B, C, T] (C choices) and mc_token_ids [B, C];
     its logits are [B, C, T, V] and hidden states [L + 1, B, C, T, D], as HF reshapes them.
@@ -136,6 +142,8 @@ def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_ma
     input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, labels, mc_token_ids, mc_labels, \
         start_positions, end_positions = x.values()
     arch = config.architecture
+    if fast and (output_attentions or taps):
+        raise ValueError("fast=True computes no attention probabilities; use fast=False for attentions or taps")
     shape = check_token_inputs(
         vocab_size=config.vocab_size, hidden_size=config.n_embd, input_ids=input_ids, attention_mask=attention_mask,
         position_ids=position_ids, inputs_embeds=inputs_embeds, cache=cache, max_positions=config.n_positions,
@@ -157,7 +165,7 @@ def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_ma
 
     last, hidden_states, attentions, new_cache, tap_values = transformer(
         params.transformer, config, flat(input_ids), flat(attention_mask), flat(token_type_ids),
-        flat(position_ids), inputs_embeds, cache, taps)
+        flat(position_ids), inputs_embeds, cache, taps, fast)
     T, D = last.shape[1], last.shape[2]
     last = last.reshape(*outer_shape, T, D)
     out = dict(last_hidden_state=last, cache=new_cache, taps=tap_values,

@@ -1,0 +1,90 @@
+"""The fast path (`fast=True`: jax.nn.dot_product_attention) against the readable path.
+
+Same weights, same inputs. Tolerances: float32 1e-5 relative to max|readable| on every
+real (non-pad) token — pad-query rows are implementation-defined in the fast path, as in
+HF's SDPA; greedy tokens exactly; bfloat16 (weights and compute; softmax and norms
+accumulate in fp32) within 3e-2 relative of the float32 readable path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import GOLDEN
+from params.checkpoint import load_checkpoint
+from params.io import read_safetensors
+from ref.families import FAMILIES
+
+CASES = ["gpt2/lm", "gpt2/lm-inverse-layer-idx", "gpt2/lm-noscale", "gpt2/seqcls-single", "gpt2/double-heads",
+         "arcee/causal-lm", "arcee/mqa", "arcee/bias", "arcee/rope-yarn", "arcee/rope-dynamic", "arcee/qa"]
+
+
+def _inputs(golden):
+    return {k: jnp.asarray(golden[k]) for k in ("input_ids", "attention_mask", "mc_token_ids") if k in golden}
+
+
+def _main_output(out):
+    return out.logits if out.logits is not None else out.start_logits
+
+
+def _rel_err(a, b, mask):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if mask is not None and a.shape[: mask.ndim] == mask.shape:
+        a, b = a[mask], b[mask]
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1.0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fast_forward_equals_readable(case):
+    ckpt = load_checkpoint(os.path.join(GOLDEN, case), dtype=jnp.float32)
+    golden, _ = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
+    forward = FAMILIES[ckpt.family].forward
+    inputs = _inputs(golden)
+    readable = forward(ckpt.params, ckpt.config, **inputs)
+    fast = jax.jit(forward, static_argnames=("config", "fast"))(ckpt.params, ckpt.config, **inputs, fast=True)
+    mask = np.asarray(golden["attention_mask"]).astype(bool)
+    assert _rel_err(_main_output(fast), _main_output(readable), mask) <= 1e-5
+    assert _rel_err(fast.last_hidden_state, readable.last_hidden_state, mask) <= 1e-5
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "lm" in c])
+def test_fast_generation_equals_readable(case):
+    ckpt = load_checkpoint(os.path.join(GOLDEN, case), dtype=jnp.float32)
+    golden, _ = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
+    family = FAMILIES[ckpt.family]
+    prompt, mask = golden["generate.input_ids"], golden["generate.attention_mask"]
+    readable, readable_logits = family.generate(ckpt.params, ckpt.config, prompt, mask, max_new_tokens=10,
+                                                return_logits=True)
+    fast, fast_logits = family.generate(ckpt.params, ckpt.config, prompt, mask, max_new_tokens=10,
+                                        return_logits=True, fast=True)
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(readable))
+    np.testing.assert_array_equal(np.asarray(fast), golden["generate.sequences"])
+    assert _rel_err(fast_logits, readable_logits, None) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["gpt2/lm", "arcee/causal-lm"])
+def test_bfloat16_policy_close_to_float32(case):
+    golden, _ = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
+    inputs = _inputs(golden)
+    ref32 = load_checkpoint(os.path.join(GOLDEN, case), dtype=jnp.float32)
+    bf16 = load_checkpoint(os.path.join(GOLDEN, case), dtype=jnp.bfloat16)
+    forward = FAMILIES[ref32.family].forward
+    expected = forward(ref32.params, ref32.config, **inputs).logits
+    for fast in (False, True):
+        got = forward(bf16.params, bf16.config, **inputs, fast=fast).logits
+        assert got.dtype == jnp.bfloat16
+        assert np.all(np.isfinite(np.asarray(got, np.float32)))
+        assert _rel_err(got, expected, np.asarray(golden["attention_mask"]).astype(bool)) <= 3e-2
+
+
+def test_fast_path_refuses_attentions_and_taps():
+    ckpt = load_checkpoint(os.path.join(GOLDEN, "gpt2", "lm"))
+    ids = jnp.ones((1, 4), jnp.int32)
+    for flag in ("output_attentions", "taps"):
+        with pytest.raises(ValueError, match="fast=True"):
+            FAMILIES["gpt2"].forward(ckpt.params, ckpt.config, ids, fast=True, **{flag: True})
