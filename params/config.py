@@ -179,6 +179,20 @@ class _Fields:
             )
 
 
+def _family_architecture(raw: Mapping[str, Any], family: str, architecture: str | None,
+                         accepted: tuple[str, ...]) -> str:
+    """Check model_type, and pick the head: the argument, else architectures[0], else the
+    bare model (the first accepted name), as HF's Auto classes do."""
+    if raw.get("model_type", family) != family:
+        raise ConfigError(f"{family} config: field 'model_type' is {raw.get('model_type')!r}; expected {family!r}")
+    if architecture is None:
+        architecture = architecture_of(raw) if raw.get("architectures") else accepted[0]
+    if architecture not in accepted:
+        raise ConfigError(f"{family} config: architecture {architecture!r} is not supported; accepted values: "
+                          + ", ".join(accepted))
+    return architecture
+
+
 def _common(fields: _Fields) -> dict[str, Any]:
     """Fields every PretrainedConfig has that change outputs: labels and problem type."""
     raw = fields.raw
@@ -280,15 +294,7 @@ GPT2_IGNORED = {
 def parse_gpt2_config(raw: Mapping[str, Any], architecture: str | None = None) -> GPT2Config:
     """Parse a GPT-2 config.json dict with HF's defaults; unknown keys are errors."""
     f = _Fields(raw, "gpt2")
-    if raw.get("model_type", "gpt2") != "gpt2":
-        raise ConfigError(f"gpt2 config: field 'model_type' is {raw.get('model_type')!r}; expected 'gpt2'")
-    if architecture is None:
-        architecture = architecture_of(raw) if raw.get("architectures") else "GPT2Model"
-    if architecture not in GPT2_ARCHITECTURES:
-        raise ConfigError(
-            f"gpt2 config: architecture {architecture!r} is not supported; accepted values: "
-            + ", ".join(GPT2_ARCHITECTURES)
-        )
+    architecture = _family_architecture(raw, "gpt2", architecture, GPT2_ARCHITECTURES)
     if raw.get("add_cross_attention"):
         raise ConfigError("gpt2 config: field 'add_cross_attention' is not supported (GPT-2 as a cross-attending decoder)")
     n_embd = f.int("n_embd", 768)
@@ -495,13 +501,7 @@ def _parse_rope_scaling(raw: Any, f: _Fields) -> RopeScaling:
 def parse_arcee_config(raw: Mapping[str, Any], architecture: str | None = None) -> ArceeConfig:
     """Parse an Arcee config.json dict with HF's defaults; unknown keys are errors."""
     f = _Fields(raw, "arcee")
-    if raw.get("model_type", "arcee") != "arcee":
-        raise ConfigError(f"arcee config: field 'model_type' is {raw.get('model_type')!r}; expected 'arcee'")
-    if architecture is None:
-        architecture = architecture_of(raw) if raw.get("architectures") else "ArceeModel"
-    if architecture not in ARCEE_ARCHITECTURES:
-        raise ConfigError(f"arcee config: architecture {architecture!r} is not supported; accepted values: "
-                          + ", ".join(ARCEE_ARCHITECTURES))
+    architecture = _family_architecture(raw, "arcee", architecture, ARCEE_ARCHITECTURES)
     hidden_size = f.int("hidden_size", 2560)
     heads = f.int("num_attention_heads", 32)
     kv_heads = f.int("num_key_value_heads", None, optional=True) or heads  # HF: None -> MHA
