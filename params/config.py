@@ -158,14 +158,18 @@ class _Fields:
             raise ConfigError(f"{self.family} config: field '{key}' is {value!r}; accepted values: {shown}")
         return value
 
-    def token_id(self, key: str) -> int | None:
+    def token_id(self, key: str, allow_list: bool = False) -> int | tuple[int, ...] | None:
+        """A token id; with allow_list, also a list of ids (HF's `eos_token_id` may be one:
+        generation stops at any of them), returned as a tuple."""
         value = self._get(key, None, False)
         if value is None:
             return None
-        if isinstance(value, list):  # HF allows a list of eos ids; the first is the pad/stop default
-            if not value:
-                return None
-            value = value[0]
+        if isinstance(value, list) and allow_list:
+            ids = tuple(value)
+            if not ids or any(isinstance(v, bool) or not isinstance(v, int) for v in ids):
+                raise ConfigError(f"{self.family} config: field '{key}' must be a token id or a non-empty list "
+                                  f"of them, got {value!r}")
+            return ids[0] if len(ids) == 1 else ids
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{self.family} config: field '{key}' must be a token id, got {value!r}")
         return value
@@ -252,7 +256,7 @@ class GPT2Config:
     reorder_and_upcast_attn: bool
     tie_word_embeddings: bool
     bos_token_id: int | None
-    eos_token_id: int | None
+    eos_token_id: int | tuple[int, ...] | None  # a tuple when config.json lists several
     pad_token_id: int | None
     num_labels: int
     problem_type: str | None
@@ -291,8 +295,26 @@ GPT2_IGNORED = {
 }
 
 
+# HF GPT2Config.attribute_map: generic names HF accepts for GPT-2's own keys.
+GPT2_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+                "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
+
+
+def _resolve_aliases(raw: Mapping[str, Any], aliases: Mapping[str, str], family: str) -> dict[str, Any]:
+    """Rename HF attribute_map aliases to the family's own keys (both present: must agree)."""
+    raw = dict(raw)
+    for alias, key in aliases.items():
+        if alias in raw:
+            value = raw.pop(alias)
+            if key in raw and raw[key] != value:
+                raise ConfigError(f"{family} config: fields '{alias}' ({value!r}) and '{key}' ({raw[key]!r}) disagree")
+            raw[key] = value
+    return raw
+
+
 def parse_gpt2_config(raw: Mapping[str, Any], architecture: str | None = None) -> GPT2Config:
     """Parse a GPT-2 config.json dict with HF's defaults; unknown keys are errors."""
+    raw = _resolve_aliases(raw, GPT2_ALIASES, "gpt2")
     f = _Fields(raw, "gpt2")
     architecture = _family_architecture(raw, "gpt2", architecture, GPT2_ARCHITECTURES)
     if raw.get("add_cross_attention"):
@@ -327,13 +349,13 @@ def parse_gpt2_config(raw: Mapping[str, Any], architecture: str | None = None) -
         reorder_and_upcast_attn=f.bool("reorder_and_upcast_attn", False),
         tie_word_embeddings=f.bool("tie_word_embeddings", True),
         bos_token_id=f.token_id("bos_token_id"),
-        eos_token_id=f.token_id("eos_token_id"),
+        eos_token_id=f.token_id("eos_token_id", allow_list=True),
         pad_token_id=f.token_id("pad_token_id"),
         summary_type=f.choice("summary_type", "cls_index", SUMMARY_TYPES),
         summary_use_proj=f.bool("summary_use_proj", True),
         summary_activation=summary_activation,
         summary_proj_to_labels=f.bool("summary_proj_to_labels", True),
-        **_common(f),
+        **{**_common(f), **({"num_labels": 1} if architecture == "GPT2DoubleHeadsModel" else {})},
     )
     f.check_all_used(GPT2_IGNORED)
     return config
@@ -415,7 +437,7 @@ class ArceeConfig:
     mlp_bias: bool
     tie_word_embeddings: bool
     bos_token_id: int | None
-    eos_token_id: int | None
+    eos_token_id: int | tuple[int, ...] | None  # a tuple when config.json lists several
     pad_token_id: int | None
     num_labels: int
     problem_type: str | None
@@ -549,7 +571,7 @@ def parse_arcee_config(raw: Mapping[str, Any], architecture: str | None = None) 
         mlp_bias=f.bool("mlp_bias", False),
         tie_word_embeddings=f.bool("tie_word_embeddings", False),
         bos_token_id=f.token_id("bos_token_id"),
-        eos_token_id=f.token_id("eos_token_id"),
+        eos_token_id=f.token_id("eos_token_id", allow_list=True),
         pad_token_id=f.token_id("pad_token_id"),
         **_common(f),
     )

@@ -8,7 +8,8 @@ Semantics follow HF `GenerationMixin.generate` for decoder-only models:
 - prompts are left-padded; position ids are `cumsum(attention_mask) - 1` (pads get 1), so
   every row's first real token is at position 0;
 - logits processing order: temperature, top-k, top-p (HF's warper order); greedy is argmax;
-- a row that emitted `eos_token_id` is finished: it gets `pad_token_id` from then on, and
+- a row that emitted `eos_token_id` (or any id of a tuple of them) is finished: it gets
+  `pad_token_id` from then on, and
   decoding stops once every row is finished (the returned sequences are then shorter).
 Sampling uses JAX's PRNG, so sampled tokens are not HF's; greedy tokens are.
 """
@@ -79,7 +80,7 @@ def prompt_positions(attention_mask: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("forward", "init_cache", "config", "max_new_tokens", "sampling",
                                              "eos_token_id", "pad_token_id", "return_logits", "fast"))
 def _generate(params, input_ids, attention_mask, key, *, forward: Callable, init_cache: Callable, config: Any,
-              max_new_tokens: int, sampling: Sampling, eos_token_id: int | None, pad_token_id: int,
+              max_new_tokens: int, sampling: Sampling, eos_token_id: int | tuple[int, ...] | None, pad_token_id: int,
               return_logits: bool, fast: bool):
     B, T0 = input_ids.shape
     total = T0 + max_new_tokens
@@ -101,6 +102,7 @@ def _generate(params, input_ids, attention_mask, key, *, forward: Callable, init
     )
 
     zero = jnp.zeros((), jnp.int32)  # dynamic_update_slice indices must share one int type
+    eos_ids = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())  # stop at any of them
 
     def running(s):
         return (s["step"] < max_new_tokens) & ~jnp.all(s["finished"])
@@ -109,7 +111,7 @@ def _generate(params, input_ids, attention_mask, key, *, forward: Callable, init
         key, sample_key = jax.random.split(s["key"])
         token = next_token(s["logits"], sampling, sample_key)
         token = jnp.where(s["finished"], pad_token_id, token)
-        finished = s["finished"] if eos_token_id is None else s["finished"] | (token == eos_token_id)
+        finished = s["finished"] if not eos_ids else s["finished"] | jnp.isin(token, jnp.asarray(eos_ids, token.dtype))
         sequences = jax.lax.dynamic_update_slice(s["sequences"], token[:, None], (zero, T0 + s["step"]))
         if return_logits:
             step_logits = jax.lax.dynamic_update_slice(s["step_logits"], s["logits"][:, None], (zero, s["step"], zero))
@@ -126,7 +128,7 @@ def _generate(params, input_ids, attention_mask, key, *, forward: Callable, init
 
 
 def generate(forward: Callable, init_cache: Callable, params, config, input_ids, attention_mask=None, *,
-             max_new_tokens: int, sampling: Sampling = Sampling(), eos_token_id: int | None = None,
+             max_new_tokens: int, sampling: Sampling = Sampling(), eos_token_id: int | tuple[int, ...] | None = None,
              pad_token_id: int | None = None, key: jax.Array | None = None, max_positions: int | None = None,
              return_logits: bool = False, fast: bool = False):
     """Decode up to `max_new_tokens` after left-padded prompts [B, T0].
@@ -155,7 +157,8 @@ def generate(forward: Callable, init_cache: Callable, params, config, input_ids,
     if max_new_tokens == 0:
         return (input_ids, jnp.zeros((input_ids.shape[0], 0, 0), jnp.float32)) if return_logits else input_ids
     if pad_token_id is None:
-        pad_token_id = eos_token_id if eos_token_id is not None else 0
+        # HF: pad with (the first) eos when no pad id is set
+        pad_token_id = int(np.atleast_1d(eos_token_id)[0]) if eos_token_id is not None else 0
     key = jax.random.PRNGKey(0) if key is None else key
     sequences, steps, step_logits = _generate(
         params, input_ids, attention_mask, key, forward=forward, init_cache=init_cache, config=config,

@@ -67,13 +67,17 @@ def pool_at(hidden: jax.Array, index: jax.Array) -> jax.Array:
 def sequence_summary(p: Linear | None, hidden: jax.Array, cls_index: jax.Array | None, summary_type: str,
                      activation: str | None) -> jax.Array:
     """HF `GPT2SequenceSummary` (eval mode): pick or pool a vector per sequence, then the
-    optional projection and activation. hidden [..., T, D]; cls_index [...]."""
+    optional projection and activation. hidden [B, T, D] or [B, C, T, D]; cls_index [B(, C)].
+
+    HF quirk, mirrored: "last", "first" and "mean" index axis 1 whatever the rank, so with
+    multiple-choice inputs [B, C, T, D] they pick or average over *choices*, not tokens
+    ("cls_index", GPT-2's default, gathers tokens correctly)."""
     if summary_type == "last":
-        output = hidden[..., -1, :]
+        output = hidden[:, -1]
     elif summary_type == "first":
-        output = hidden[..., 0, :]
+        output = hidden[:, 0]
     elif summary_type == "mean":
-        output = hidden.mean(axis=-2)
+        output = hidden.mean(axis=1)
     else:  # "cls_index"; HF defaults the index to the last token
         if cls_index is None:
             output = hidden[..., -1, :]
