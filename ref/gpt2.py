@@ -26,12 +26,13 @@ from ref.validate import as_arrays, check_labels, check_task_labels, check_token
 
 def embed(p: GPT2Body, config: GPT2Config, input_ids, inputs_embeds, position_ids, token_type_ids):
     """wte(input_ids) + wpe(position_ids) [+ wte(token_type_ids)]  (GPT-2 has no token-type
-    table: HF embeds token types with the *word* embedding). -> [B, T, D]"""
-    x = nn.embed(p.wte, input_ids) if inputs_embeds is None else inputs_embeds
-    x = x + nn.embed(p.wpe, position_ids)
+    table: HF embeds token types with the *word* embedding). -> ([B, T, D], taps)"""
+    words = nn.embed(p.wte, input_ids) if inputs_embeds is None else inputs_embeds
+    positions = nn.embed(p.wpe, position_ids)
+    x = words + positions
     if token_type_ids is not None:
         x = x + nn.embed(p.wte, token_type_ids)
-    return x
+    return x, {"wte": words, "wpe": positions, "drop": x}  # HF's `drop` (identity in eval) sees the sum
 
 
 def attention(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal, kv_cache, start, fast=False):
@@ -45,6 +46,7 @@ def attention(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal,
     N, H = config.n_head, config.head_dim
     qkv = nn.linear(p.attn.c_attn, x)  # [B, T, 3D]
     q, k, v = (t.reshape(B, T, N, H) for t in jnp.split(qkv, 3, axis=-1))  # [B, T, N, H]
+    taps = {"attn.c_attn": qkv, "attn.q": q, "attn.k": k, "attn.v": v}  # this step's k, v (before any cache)
     if kv_cache is not None:  # attend over every cache slot, this step's keys written in
         k = write_slots(kv_cache[0], k, start)  # [B, S, N, H]
         v = write_slots(kv_cache[1], v, start)
@@ -57,8 +59,7 @@ def attention(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal,
     else:
         context, probs, scores = softmax_attention(q, k, v, key_valid, causal, scale, score_dtype)
     out = nn.linear(p.attn.c_proj, context.reshape(B, T, D))
-    taps = {"attn.q": q, "attn.k": k, "attn.v": v, "attn.scores": scores, "attn.probs": probs,
-            "attn.context": context, "attn.c_proj": out}
+    taps.update({"attn.scores": scores, "attn.probs": probs, "attn.context": context, "attn.c_proj": out})
     return out, probs, (k, v), taps
 
 
@@ -79,8 +80,20 @@ def block(p: GPT2Block, config: GPT2Config, x, layer_idx, key_valid, causal, kv_
     h2 = nn.layer_norm(p.ln_2, x, eps)
     mlp_out, mlp_taps = mlp(p, config, h2)
     out = x + mlp_out
-    taps = {"ln_1": h1, **attn_taps, "resid_attn": x, "ln_2": h2, **mlp_taps, "resid_mlp": out}
+    # "" names the block's own output (HF module `h.{i}`); "resid_attn" is x + attn before ln_2
+    taps = {"ln_1": h1, **attn_taps, "resid_attn": x, "ln_2": h2, **mlp_taps, "": out}
     return out, probs, new_kv, taps
+
+
+# Every tap `forward(..., taps=True)` returns, in dataflow order, as `refjax forward --taps`
+# writes it ({i} = layer index). The taps dict stacks per-layer taps [L, ...] under the name
+# without ".{i}" ("h.attn.q"; the block outputs under "h"). Names are HF module paths where
+# a module exists, so PyTorch hooks on the same names see the same tensors (docs/taps.md).
+TAPS = ("wte", "wpe", "drop",
+        "h.{i}.ln_1", "h.{i}.attn.c_attn", "h.{i}.attn.q", "h.{i}.attn.k", "h.{i}.attn.v", "h.{i}.attn.scores",
+        "h.{i}.attn.probs", "h.{i}.attn.context", "h.{i}.attn.c_proj", "h.{i}.resid_attn", "h.{i}.ln_2",
+        "h.{i}.mlp.c_fc", "h.{i}.mlp.act", "h.{i}.mlp.c_proj", "h.{i}",
+        "ln_f")
 
 
 def transformer(p: GPT2Body, config: GPT2Config, input_ids=None, attention_mask=None, token_type_ids=None,
@@ -101,8 +114,7 @@ def transformer(p: GPT2Body, config: GPT2Config, input_ids=None, attention_mask=
     key_valid = new_valid if cache is None else write_slots(cache.key_valid, new_valid, start)  # [B, S]
     causal = causal_mask(slots, key_valid.shape[1])  # [T, S]
 
-    x = embed(p, config, input_ids, inputs_embeds, position_ids, token_type_ids)  # [B, T, D]
-    embed_x = x
+    x, embed_taps = embed(p, config, input_ids, inputs_embeds, position_ids, token_type_ids)  # [B, T, D]
 
     def step(x, layer):
         layer_params, layer_idx, kv = layer
@@ -120,7 +132,7 @@ def transformer(p: GPT2Body, config: GPT2Config, input_ids=None, attention_mask=
         new_cache = KVCache(keys=new_kv[0], values=new_kv[1], key_valid=key_valid, length=start + T)
     taps = None
     if want_taps:
-        taps = {"embeddings": embed_x, **{f"h.{k}": v for k, v in layer_taps.items()}, "ln_f": last}
+        taps = {**embed_taps, **{f"h.{k}" if k else "h": v for k, v in layer_taps.items()}, "ln_f": last}
     return last, hidden_states, attentions, new_cache, taps
 
 
@@ -158,6 +170,11 @@ def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_ma
     if arch == "GPT2DoubleHeadsModel":
         check_labels(mc_token_ids, "mc_token_ids", shape[:-1], shape[-1], "sequence length")
         check_labels(mc_labels, "mc_labels", shape[:1], shape[1] if len(shape) == 3 else None, "choices")
+        width = config.summary_size if config.summary_use_proj else config.n_embd
+        if mc_labels is not None and width != 1:  # HF fails here too, with a shape error
+            raise ValueError(f"mc_labels need one logit per choice, but this config's summary gives {width} "
+                             f"(summary_use_proj={config.summary_use_proj}, "
+                             f"summary_proj_to_labels={config.summary_proj_to_labels})")
     outer_shape = input_ids.shape[:-1] if input_ids is not None else inputs_embeds.shape[:-2]
 
     def flat(x):  # [B, C, T] -> [B*C, T], as HF views multiple-choice inputs
