@@ -43,9 +43,11 @@ def attention(p: ArceeLayer, config: ArceeConfig, x, cos, sin, key_valid, causal
         context, probs, scores = softmax_attention(q_rot, k_all, v_all, key_valid, causal, H ** -0.5,
                                                    future_fill=FUTURE_FINFO_MIN, filled=filled)
     out = nn.linear(p.self_attn.o_proj, context.reshape(B, T, N * H))
-    taps = {"self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v, "self_attn.q_rot": q_rot,
-            "self_attn.k_rot": k_rot, "self_attn.scores": scores, "self_attn.probs": probs,
-            "self_attn.context": context, "self_attn.o_proj": out}
+    # projections in HF's module layout [B, T, heads * H]; rotated q, k and the context per head
+    taps = {"self_attn.q_proj": q.reshape(B, T, N * H), "self_attn.k_proj": k.reshape(B, T, K * H),
+            "self_attn.v_proj": v.reshape(B, T, K * H), "self_attn.q_rot": q_rot, "self_attn.k_rot": k_rot,
+            "self_attn.scores": scores, "self_attn.probs": probs, "self_attn.context": context,
+            "self_attn.o_proj": out}
     return out, probs, (k_all, v_all), taps
 
 
@@ -54,7 +56,7 @@ def mlp(p: ArceeLayer, config: ArceeConfig, x):
     up = nn.linear(p.mlp.up_proj, x)  # [B, T, F]
     act = nn.ACT2FN[config.hidden_act](up)
     out = nn.linear(p.mlp.down_proj, act)
-    return out, {"mlp.up_proj": up, "mlp.act": act, "mlp.down_proj": out}
+    return out, {"mlp.up_proj": up, "mlp.act_fn": act, "mlp.down_proj": out}
 
 
 def decoder_layer(p: ArceeLayer, config: ArceeConfig, x, cos, sin, key_valid, causal, kv_cache=None, start=None,
@@ -67,9 +69,23 @@ def decoder_layer(p: ArceeLayer, config: ArceeConfig, x, cos, sin, key_valid, ca
     h2 = nn.rms_norm(p.post_attention_layernorm, x, eps)
     mlp_out, mlp_taps = mlp(p, config, h2)
     out = x + mlp_out
+    # "" names the layer's own output (HF module `layers.{i}`); "resid_attn" is x + attn before the norm
     taps = {"input_layernorm": h1, **attn_taps, "resid_attn": x, "post_attention_layernorm": h2, **mlp_taps,
-            "resid_mlp": out}
+            "": out}
     return out, probs, new_kv, taps
+
+
+# Every tap `forward(..., taps=True)` returns, in dataflow order, as `refjax forward --taps`
+# writes it ({i} = layer index). The taps dict stacks per-layer taps [L, ...] under the name
+# without ".{i}" ("layers.self_attn.q_rot"; the layer outputs under "layers"). Names are HF
+# module paths where a module exists, so PyTorch hooks see the same tensors (docs/taps.md).
+TAPS = ("embed_tokens", "rotary_emb.cos", "rotary_emb.sin",
+        "layers.{i}.input_layernorm", "layers.{i}.self_attn.q_proj", "layers.{i}.self_attn.k_proj",
+        "layers.{i}.self_attn.v_proj", "layers.{i}.self_attn.q_rot", "layers.{i}.self_attn.k_rot",
+        "layers.{i}.self_attn.scores", "layers.{i}.self_attn.probs", "layers.{i}.self_attn.context",
+        "layers.{i}.self_attn.o_proj", "layers.{i}.resid_attn", "layers.{i}.post_attention_layernorm",
+        "layers.{i}.mlp.up_proj", "layers.{i}.mlp.act_fn", "layers.{i}.mlp.down_proj", "layers.{i}",
+        "norm")
 
 
 def model(p: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=None, position_ids=None,
@@ -110,7 +126,7 @@ def model(p: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=No
     taps = None
     if want_taps:
         taps = {"embed_tokens": embed_x, "rotary_emb.cos": cos, "rotary_emb.sin": sin,
-                **{f"layers.{k}": v for k, v in layer_taps.items()}, "norm": last}
+                **{f"layers.{k}" if k else "layers": v for k, v in layer_taps.items()}, "norm": last}
     return last, hidden_states, attentions, new_cache, taps
 
 

@@ -6,9 +6,12 @@
     refjax generate CHECKPOINT_DIR (--prompt TEXT | --inputs IN.safetensors) [--max-new-tokens N]
                     [--do-sample] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                     [--out OUT.safetensors] [--dtype ...]
+    refjax diff     REF.safetensors OTHER.safetensors [--rtol R] [--atol A] [--map NAMES.json]
+                    [--allow-missing]
 
 Errors in what the user gave (paths, files, configs, inputs) print one line
-`refjax: error: ...` and exit 2; `verify` exits 1 when a golden comparison fails.
+`refjax: error: ...` and exit 2; `verify` exits 1 when a golden comparison fails, `diff`
+when two dumps differ.
 Output files are written to a temporary file and renamed, so they are never half-written.
 All runs use fp64-capable JAX (`jax_enable_x64`, arrays keep their stated dtypes) and
 "highest" matmul precision, recorded in the output metadata.
@@ -144,7 +147,6 @@ def _metadata(ckpt, dtype_name: str) -> dict[str, str]:
 def cmd_forward(args) -> int:
     _setup_jax()
     import jax.numpy as jnp
-    import numpy as np
 
     from params import io
     from params import tokenizer as tokenizer_lib
@@ -159,7 +161,23 @@ def cmd_forward(args) -> int:
         inputs = _read_inputs(args.inputs)
     out = FAMILIES[ckpt.family].forward(ckpt.params, ckpt.config, **inputs, output_hidden_states=True,
                                         output_attentions=True, taps=args.taps)
-    tensors: dict[str, np.ndarray] = {}
+    tensors, order = forward_dump(ckpt.family, out)
+    io.write_safetensors(args.out, tensors, {**_metadata(ckpt, args.dtype), "order": json.dumps(order)})
+    print(f"wrote {len(tensors)} tensors to {args.out}", file=sys.stderr)
+    return 0
+
+
+def forward_dump(family: str, out) -> tuple[dict[str, Any], list[str]]:
+    """A forward's Output -> (HF-named numpy arrays, their model order): the output fields,
+    `hidden_states.{i}`, `attentions.{i}` and, when the forward ran with taps, every tap
+    as `ref/<family>.py: TAPS` names it (`h.{i}.attn.q`). The order (ref/diff.py:
+    model_order) is what `refjax diff` compares in; it goes into the file's metadata."""
+    import numpy as np
+
+    from ref import diff
+    from ref.families import FAMILIES
+
+    tensors: dict[str, Any] = {}
     for field in OUTPUT_FIELDS:
         value = getattr(out, field)
         if value is not None:
@@ -168,27 +186,11 @@ def cmd_forward(args) -> int:
         tensors[f"hidden_states.{i}"] = np.asarray(hidden)
     for i, probs in enumerate(out.attentions):
         tensors[f"attentions.{i}"] = np.asarray(probs)
-    if args.taps:
-        tensors.update(expand_taps(out.taps))
-    io.write_safetensors(args.out, tensors, _metadata(ckpt, args.dtype))
-    print(f"wrote {len(tensors)} tensors to {args.out}", file=sys.stderr)
-    return 0
-
-
-def expand_taps(taps: dict) -> dict:
-    """Per-layer taps are stacked [L, ...] under `h.<name>`; write them as `h.<i>.<name>`,
-    the HF module path of layer i."""
-    import numpy as np
-
-    out = {}
-    for name, value in taps.items():
-        value = np.asarray(value)
-        if name.startswith("h."):
-            for i in range(value.shape[0]):
-                out[f"h.{i}.{name[2:]}"] = value[i]
-        else:
-            out[name] = value
-    return out
+    spec = FAMILIES[family].taps
+    n_layers = len(out.attentions)
+    if out.taps is not None:
+        tensors.update(diff.expand_taps(out.taps, spec, n_layers))
+    return tensors, diff.model_order(tensors, spec, n_layers)
 
 
 def cmd_generate(args) -> int:
@@ -253,6 +255,32 @@ def cmd_generate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# diff
+# --------------------------------------------------------------------------------------
+
+
+def cmd_diff(args) -> int:
+    from ref import diff
+
+    for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
+        if not value >= 0:  # also rejects NaN
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    ref = diff.read_dump(args.ref)
+    other = diff.read_dump(args.other)
+    if args.map:
+        other, unused = diff.rename(other, diff.read_map(args.map))
+        if unused:
+            print(f"refjax: warning: --map entries that match no name in {args.other}: {', '.join(unused)}",
+                  file=sys.stderr)
+    rows = diff.diff(ref, other, rtol=args.rtol, atol=args.atol)
+    print(f"REF   {args.ref}\nOTHER {args.other}\n{len(rows)} names, {diff.comparison_order(ref, other)[1]}\n")
+    print(diff.format_table(rows))
+    print()
+    print(diff.summary(rows, args.rtol, args.atol, args.allow_missing))
+    return 1 if diff.failed(rows, args.allow_missing) else 0
+
+
+# --------------------------------------------------------------------------------------
 # argument parsing
 # --------------------------------------------------------------------------------------
 
@@ -291,6 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="OUT.safetensors", help="write `sequences` (int32) here")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("diff", help="compare two tensor dumps in model order; name the first divergence",
+                       description="Compare two tensor dumps (safetensors) name by name, in model order "
+                                   "(REF's 'order' metadata, else OTHER's, else natural order), print a table "
+                                   "and name the first tensor out of tolerance. A tensor is ok when "
+                                   "max|REF - OTHER| <= atol + rtol * max|REF|. Exit 0: all ok; 1: a tensor "
+                                   "differs, a name is missing from one side (unless --allow-missing), or "
+                                   "no name is common to both.")
+    p.add_argument("ref", metavar="REF.safetensors", help="the reference dump (e.g. `refjax forward --taps`)")
+    p.add_argument("other", metavar="OTHER.safetensors", help="the dump to check")
+    p.add_argument("--rtol", type=float, default=1e-5, help="tolerance relative to max|REF| (default 1e-5)")
+    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    p.add_argument("--map", metavar="NAMES.json",
+                   help='JSON object renaming OTHER\'s names onto REF\'s: {"their.name": "our.name"}; '
+                        '{i} in a key matches a layer index: {"blk.{i}.attn_q": "layers.{i}.self_attn.q_proj"}')
+    p.add_argument("--allow-missing", action="store_true",
+                   help="names present on one side only are listed but do not fail the diff")
+    p.set_defaults(func=cmd_diff)
     return parser
 
 

@@ -18,6 +18,7 @@ class FamilyOps:
     init_cache: Callable[..., Any]
     lm_architectures: tuple[str, ...]  # heads that produce next-token logits (can generate)
     max_positions: Callable[[Any], int | None]  # config -> size of the position table (None: RoPE, no table)
+    taps: tuple[str, ...]  # tap names in dataflow order (`ref/<family>.py: TAPS`, docs/taps.md)
 
     def generate(self, params, config, input_ids, attention_mask=None, *, max_new_tokens: int,
                  sampling: generate_lib.Sampling = generate_lib.Sampling(), key=None, return_logits=False,
@@ -40,11 +41,13 @@ FAMILIES: dict[str, FamilyOps] = {
         init_cache=gpt2.init_cache,
         lm_architectures=("GPT2LMHeadModel", "GPT2DoubleHeadsModel"),
         max_positions=lambda config: config.n_positions,
+        taps=gpt2.TAPS,
     ),
     "arcee": FamilyOps(
         forward=arcee.forward,
         init_cache=arcee.init_cache,
         lm_architectures=("ArceeForCausalLM",),
         max_positions=lambda config: None,
+        taps=arcee.TAPS,
     ),
 }

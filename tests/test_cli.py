@@ -67,7 +67,7 @@ def test_forward_text_with_taps(capsys, tmp_path):
                        "--out", str(out_path), "--taps")
     assert code == 0, err
     out, _ = read_safetensors(out_path)
-    for name in ("logits", "embeddings", "h.0.attn.q", "h.1.mlp.act", "h.1.attn.probs", "ln_f", "hidden_states.2"):
+    for name in ("logits", "drop", "h.0.attn.q", "h.1.mlp.act", "h.1.attn.probs", "ln_f", "hidden_states.2"):
         assert name in out, name
     np.testing.assert_array_equal(out["ln_f"], out["hidden_states.2"])
 
