@@ -89,7 +89,7 @@ TAPS = ("embed_tokens", "rotary_emb.cos", "rotary_emb.sin",
 
 
 def model(p: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=None, position_ids=None,
-          inputs_embeds=None, cache: KVCache | None = None, want_taps=False, fast=False):
+          inputs_embeds=None, cache: KVCache | None = None, want_taps=False, fast=False, remat=False):
     """HF `ArceeModel`: returns (last_hidden_state, hidden_states, attentions, new_cache, taps).
 
     Same position and cache conventions as ref/gpt2.py: positions default to the slot
@@ -117,7 +117,7 @@ def model(p: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=No
         return x, (x_in, probs, new_kv if cache is not None else None, taps if want_taps else None)
 
     kv_stack = None if cache is None else (cache.keys, cache.values)
-    x, (layer_inputs, attentions, new_kv, layer_taps) = jax.lax.scan(step, x, (body.layers, kv_stack))
+    x, (layer_inputs, attentions, new_kv, layer_taps) = jax.lax.scan(jax.checkpoint(step) if remat else step, x, (body.layers, kv_stack))
     last = nn.rms_norm(body.norm, x, config.rms_norm_eps)
     hidden_states = jnp.concatenate([layer_inputs, last[None]], axis=0)  # [L + 1, B, T, D]
     new_cache = None
@@ -133,7 +133,7 @@ def model(p: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=No
 def forward(params: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=None, position_ids=None,
             inputs_embeds=None, labels=None, start_positions=None, end_positions=None, cache: KVCache | None = None,
             *, logits_to_keep: int = 0, output_hidden_states=False, output_attentions=False,
-            taps=False, fast=False) -> heads.Output:
+            taps=False, fast=False, remat=False) -> heads.Output:
     """Any HF Arcee class, chosen by `config.architecture`; returns HF's output fields.
 
     `logits_to_keep` (ArceeForCausalLM): compute logits for only the last n positions
@@ -141,6 +141,7 @@ def forward(params: ArceeParams, config: ArceeConfig, input_ids=None, attention_
     RoPE has no position table, so sequences may run past max_position_embeddings
     (dynamic/yarn/longrope scaling decide what that means), as in HF.
     `fast=True` uses `jax.nn.dot_product_attention` (no attentions or attention taps).
+    `remat=True` recomputes each layer in the backward pass (`jax.checkpoint`).
     """
     x = as_arrays(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   inputs_embeds=inputs_embeds, labels=labels, start_positions=start_positions,
@@ -162,7 +163,7 @@ def forward(params: ArceeParams, config: ArceeConfig, input_ids=None, attention_
         check_task_labels("token", labels, shape, config.num_labels)
 
     last, hidden_states, attentions, new_cache, tap_values = model(
-        params, config, input_ids, attention_mask, position_ids, inputs_embeds, cache, taps, fast)
+        params, config, input_ids, attention_mask, position_ids, inputs_embeds, cache, taps, fast, remat)
     out = dict(last_hidden_state=last, cache=new_cache, taps=tap_values,
                hidden_states=hidden_states if output_hidden_states else None,
                attentions=attentions if output_attentions else None)

@@ -97,7 +97,7 @@ TAPS = ("wte", "wpe", "drop",
 
 
 def transformer(p: GPT2Body, config: GPT2Config, input_ids=None, attention_mask=None, token_type_ids=None,
-                position_ids=None, inputs_embeds=None, cache: KVCache | None = None, want_taps=False, fast=False):
+                position_ids=None, inputs_embeds=None, cache: KVCache | None = None, want_taps=False, fast=False, remat=False):
     """HF `GPT2Model`: returns (last_hidden_state, hidden_states, attentions, new_cache, taps).
 
     input_ids [B, T]; attention_mask [B, T] (1 = real token; padding anywhere).
@@ -124,7 +124,7 @@ def transformer(p: GPT2Body, config: GPT2Config, input_ids=None, attention_mask=
 
     kv_stack = None if cache is None else (cache.keys, cache.values)
     layer_ids = jnp.arange(config.n_layer, dtype=jnp.int32)
-    x, (block_inputs, attentions, new_kv, layer_taps) = jax.lax.scan(step, x, (p.h, layer_ids, kv_stack))
+    x, (block_inputs, attentions, new_kv, layer_taps) = jax.lax.scan(jax.checkpoint(step) if remat else step, x, (p.h, layer_ids, kv_stack))
     last = nn.layer_norm(p.ln_f, x, config.layer_norm_epsilon)
     hidden_states = jnp.concatenate([block_inputs, last[None]], axis=0)  # [L + 1, B, T, D]
     new_cache = None
@@ -139,11 +139,13 @@ def transformer(p: GPT2Body, config: GPT2Config, input_ids=None, attention_mask=
 def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_mask=None, token_type_ids=None,
             position_ids=None, inputs_embeds=None, labels=None, mc_token_ids=None, mc_labels=None,
             start_positions=None, end_positions=None, cache: KVCache | None = None, *,
-            output_hidden_states=False, output_attentions=False, taps=False, fast=False) -> heads.Output:
+            output_hidden_states=False, output_attentions=False, taps=False, fast=False, remat=False) -> heads.Output:
     """Any HF GPT-2 class, chosen by `config.architecture`; returns HF's output fields.
 
     `fast=True` uses `jax.nn.dot_product_attention` (same weights; equal to the readable
     path on real tokens, tested); it cannot return attentions or attention taps.
+    `remat=True` recomputes each layer in the backward pass (`jax.checkpoint`) instead of
+    storing its activations: same values and gradients, less memory when training.
 
     GPT2DoubleHeadsModel takes input_ids [B, C, T] (C choices) and mc_token_ids [B, C];
     its logits are [B, C, T, V] and hidden states [L + 1, B, C, T, D], as HF reshapes them.
@@ -182,7 +184,7 @@ def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_ma
 
     last, hidden_states, attentions, new_cache, tap_values = transformer(
         params.transformer, config, flat(input_ids), flat(attention_mask), flat(token_type_ids),
-        flat(position_ids), inputs_embeds, cache, taps, fast)
+        flat(position_ids), inputs_embeds, cache, taps, fast, remat)
     T, D = last.shape[1], last.shape[2]
     last = last.reshape(*outer_shape, T, D)
     out = dict(last_hidden_state=last, cache=new_cache, taps=tap_values,
