@@ -175,8 +175,13 @@ def test_legacy_keys_accepted():
     assert parse_gpt2_config(with_(lm_raw(), n_ctx=7)).n_positions == 48
 
 
-def test_eos_token_id_list_takes_first():
-    assert parse_gpt2_config(with_(lm_raw(), eos_token_id=[5, 7])).eos_token_id == 5
+def test_eos_token_id_list_is_kept_whole():
+    """HF stops generation at any id of an eos list (and pads with the first)."""
+    assert parse_gpt2_config(with_(lm_raw(), eos_token_id=[5, 7])).eos_token_id == (5, 7)
+    assert parse_gpt2_config(with_(lm_raw(), eos_token_id=[5])).eos_token_id == 5
+    for bad in ([], [5, "x"], [True]):
+        with pytest.raises(ConfigError, match="eos_token_id"):
+            parse_gpt2_config(with_(lm_raw(), eos_token_id=bad))
 
 
 # --------------------------------------------------------------------------------------
