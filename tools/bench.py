@@ -42,6 +42,23 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def best_times_interleaved(fns: dict, repeats: int) -> dict:
+    """Best time of each function, measured in rounds that run every function once, so a
+    change in machine load during the run hits every implementation alike."""
+    import torch
+
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()  # warm-up (and JAX compile)
+        best = {name: float("inf") for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 # --------------------------------------------------------------------------------------
 # machine limits
 # --------------------------------------------------------------------------------------
@@ -131,37 +148,37 @@ def bench_family(name: str, family: str, raw: dict, batch: int, seq: int, prompt
     wbytes = weight_bytes(params)
     layers = getattr(config, "n_layer", None) or config.num_hidden_layers
     width = getattr(config, "n_embd", None) or config.hidden_size
-    embed_rows = config.vocab_size * width
-    matmul_params = wbytes // 4 - embed_rows + config.vocab_size * width  # LM head counts once as a matmul
+    # parameters used as matmul weights: all but the lookup tables, plus a tied LM head
+    matmul_params = wbytes // 4 - config.vocab_size * width
     if family == "gpt2":
         matmul_params -= config.n_positions * width
+    if config.tie_word_embeddings:
+        matmul_params += config.vocab_size * width
     flops = forward_flops(matmul_params, batch * seq, layers, width, seq)
 
     forward = jax.jit(ops.forward, static_argnames=("config", "fast"))
-    for label, fn in [
-        ("refjax (readable)", lambda: forward(params, config, jids).logits.block_until_ready()),
-        ("refjax (fast)", lambda: forward(params, config, jids, fast=True).logits.block_until_ready()),
-        ("HF eager", lambda: hf_models["eager"](tids).logits),
-        ("HF sdpa", lambda: hf_models["sdpa"](tids).logits),
-    ]:
-        with torch.inference_mode():
-            t = best_time(fn, repeats)
+    times = best_times_interleaved({
+        "refjax (readable)": lambda: forward(params, config, jids).logits.block_until_ready(),
+        "refjax (fast)": lambda: forward(params, config, jids, fast=True).logits.block_until_ready(),
+        "HF eager": lambda: hf_models["eager"](tids).logits,
+        "HF sdpa": lambda: hf_models["sdpa"](tids).logits,
+    }, repeats)
+    for label, t in times.items():
         rows.append({"model": name, "task": f"forward fp32 {batch}x{seq}", "impl": label, "seconds": t,
                      "throughput": batch * seq / t, "unit": "tok/s",
                      "of_limit": flops / t / 1e9 / limits["matmul_gflops"]})
 
     prompt_ids = ids[:1, :prompt]
     roofline = wbytes / (limits["read_gbps"] * 1e9)  # seconds per token if weights are read once per token
-    for label, fn in [
-        ("refjax (readable)", lambda: ops.generate(params, config, prompt_ids, max_new_tokens=new)),
-        ("refjax (fast)", lambda: ops.generate(params, config, prompt_ids, max_new_tokens=new, fast=True)),
-        ("HF eager", lambda: hf_models["eager"].generate(torch.from_numpy(prompt_ids), max_new_tokens=new,
-                                                         min_new_tokens=new, do_sample=False, pad_token_id=0)),
-        ("HF sdpa", lambda: hf_models["sdpa"].generate(torch.from_numpy(prompt_ids), max_new_tokens=new,
-                                                       min_new_tokens=new, do_sample=False, pad_token_id=0)),
-    ]:
-        with torch.inference_mode():
-            t = best_time(lambda: np.asarray(fn()), repeats)
+    times = best_times_interleaved({
+        "refjax (readable)": lambda: np.asarray(ops.generate(params, config, prompt_ids, max_new_tokens=new)),
+        "refjax (fast)": lambda: np.asarray(ops.generate(params, config, prompt_ids, max_new_tokens=new, fast=True)),
+        "HF eager": lambda: hf_models["eager"].generate(torch.from_numpy(prompt_ids), max_new_tokens=new,
+                                                        min_new_tokens=new, do_sample=False, pad_token_id=0),
+        "HF sdpa": lambda: hf_models["sdpa"].generate(torch.from_numpy(prompt_ids), max_new_tokens=new,
+                                                      min_new_tokens=new, do_sample=False, pad_token_id=0),
+    }, repeats)
+    for label, t in times.items():
         per_token = t / new
         rows.append({"model": name, "task": f"greedy decode b1 p{prompt}+{new}", "impl": label, "seconds": t,
                      "throughput": new / t, "unit": "tok/s", "ms_per_token": per_token * 1e3,
