@@ -21,6 +21,7 @@ repeated as [f, f]); RoFormer rotates interleaved *pairs* — a different functi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -51,18 +52,15 @@ def linear_inv_freq(theta: float, dim: int, s: RopeScaling) -> tuple[np.ndarray,
     return (default_inv_freq(theta, dim) / np.float32(s.factor)).astype(np.float32), 1.0
 
 
-def dynamic_ntk_theta(theta: float, dim: int, factor: float, max_positions: int, seq_len: jax.Array) -> jax.Array:
-    """NTK-aware base for the current length: theta * (factor * L / P - (factor - 1))^(d / (d - 2)),
-    with L = max(seq_len, P). Traced (seq_len is max(position_ids) + 1 of the call)."""
-    seq_len = jnp.maximum(seq_len, max_positions).astype(jnp.float32)
-    growth = jnp.float32(factor) * seq_len / jnp.float32(max_positions) - jnp.float32(factor - 1)
-    return jnp.float32(theta) * jnp.power(growth, jnp.float32(dim / (dim - 2)))
-
-
-def dynamic_inv_freq(theta: float, dim: int, s: RopeScaling, max_positions: int, seq_len: jax.Array) -> jax.Array:
-    """HF `_compute_dynamic_ntk_parameters` for one call's length. [dim / 2] float32"""
-    base = dynamic_ntk_theta(theta, dim, s.factor, max_positions, seq_len)
-    return 1.0 / jnp.power(base, jnp.asarray(_exponents(dim)))
+def dynamic_inv_freq(theta: float, dim: int, factor: float, max_positions: int, seq_len) -> np.ndarray:
+    """HF `_compute_dynamic_ntk_parameters` for one call's length L = max(seq_len, P):
+    NTK-aware base theta * (factor * L / P - (factor - 1))^(d / (d - 2)), then default
+    frequencies from it. Each step in float32, as torch does it. [dim / 2] float32"""
+    f32 = np.float32
+    length = f32(max(int(seq_len), max_positions))
+    growth = f32(f32(f32(factor) * length) / f32(max_positions)) - f32(factor - 1)
+    base = f32(theta) * _f32_pow(growth, dim / (dim - 2))
+    return (f32(1.0) / _f32_pow(base, _exponents(dim))).astype(np.float32)
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -154,8 +152,13 @@ def rope_frequencies(config: ArceeConfig, position_ids: jax.Array) -> tuple[jax.
     elif s.rope_type == "llama3":
         inv_freq, scaling = llama3_inv_freq(theta, dim, s)
     elif s.rope_type == "dynamic":
+        # The length is only known at run time (traced under jit); a host callback runs the
+        # same numpy float32 chain in eager and jitted calls, so both give HF's exact bits
+        # (XLA would otherwise reassociate a traced float32 chain differently under jit).
         seq_len = jnp.max(position_ids) + 1
-        grown = dynamic_inv_freq(theta, dim, s, config.max_position_embeddings, seq_len)
+        grown = jax.pure_callback(
+            functools.partial(dynamic_inv_freq, theta, dim, s.factor, config.max_position_embeddings),
+            jax.ShapeDtypeStruct((dim // 2,), jnp.float32), seq_len)
         original = jnp.asarray(default_inv_freq(theta, dim))
         return jnp.where(seq_len > config.max_position_embeddings, grown, original), 1.0
     elif s.rope_type == "longrope":
