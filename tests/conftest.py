@@ -15,6 +15,12 @@ import os
 import sys
 
 import jax
+from hypothesis import settings
+
+# CI runs hypothesis derandomized (HYPOTHESIS_PROFILE=ci in .ci/run): the same examples on
+# every run, so a landing never depends on luck. Locally the default profile explores anew.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

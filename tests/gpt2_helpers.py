@@ -7,6 +7,8 @@ Tolerances (relative, as ref.verify: max|a - b| <= tol * max(max|b|, 1)):
 
 from __future__ import annotations
 
+from numerics import assert_close, rel_err  # noqa: F401  (re-exported to the tests)
+
 import os
 
 import jax
@@ -101,24 +103,6 @@ def with_head(params, config, architecture: str, seed: int, num_labels: int | No
     return new_config, type(fresh)(transformer=params.transformer, lm_head=fresh.lm_head,
                                    multiple_choice_head=fresh.multiple_choice_head, score=fresh.score,
                                    classifier=fresh.classifier, qa_outputs=fresh.qa_outputs)
-
-
-def rel_err(actual, expected) -> float:
-    """max|actual - expected| / max(max|expected|, 1) (ref.verify's convention)."""
-    a = np.asarray(actual, np.float64)
-    b = np.asarray(expected, np.float64)
-    assert a.shape == b.shape, f"shape {a.shape} vs {b.shape}"
-    if a.size == 0:
-        return 0.0
-    diff = np.abs(a - b)
-    if not np.all(np.isfinite(diff)):
-        return float("inf")
-    return float(diff.max() / max(float(np.abs(b).max()), 1.0))
-
-
-def assert_close(actual, expected, tol: float, what: str = "") -> None:
-    err = rel_err(actual, expected)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
 
 
 def prompt_positions_np(mask: np.ndarray) -> np.ndarray:

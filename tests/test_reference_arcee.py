@@ -50,7 +50,7 @@ from hypothesis import HealthCheck, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from arcee_helpers import ARCHITECTURES, ROPE_TYPES, raw_configs  # noqa: E402
-from hf_helpers import assert_close, hf_outputs, quiet_torch  # noqa: E402
+from hf_helpers import assert_close, assert_same_tokens, hf_generate, hf_outputs, quiet_torch  # noqa: E402
 from params.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from params.config import parse_arcee_config  # noqa: E402
 from ref import arcee  # noqa: E402
@@ -83,6 +83,15 @@ def _torch_settings(request):
             reporter.write_line(
                 f"\n[reference arcee] worst scaled error vs HF over the forward cases: "
                 f"float32 {MAX_ERR['float32']:.3g}, float64 {MAX_ERR['float64']:.3g}")
+
+
+@pytest.fixture(autouse=True)
+def _release_executables():
+    """Free this test's compiled programs afterwards (see test_properties_arcee.py: XLA:CPU
+    keeps ~6 memory maps per executable; a long pytest process otherwise reaches
+    vm.max_map_count and segfaults inside a compile)."""
+    yield
+    jax.clear_caches()
 
 
 # --------------------------------------------------------------------------------------
@@ -342,31 +351,6 @@ def test_forward_matches_hf_past_the_rope_threshold(rope_type):
 # 2. Greedy generation == HF generate
 # --------------------------------------------------------------------------------------
 
-def _hf_generate(model, ids, mask, max_new_tokens, pad, eos):
-    with torch.no_grad():
-        out = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=pad, eos_token_id=eos, return_dict_in_generate=True,
-                             output_logits=True)
-    return out.sequences.numpy(), np.stack([t.float().numpy() for t in out.logits], 1)  # [B, n, V]
-
-
-def _assert_same_tokens(ours: np.ndarray, theirs: np.ndarray, hf_logits: np.ndarray, T0: int) -> bool:
-    """True when equal. A difference is accepted (False) only where HF's top two logits
-    are within float32 rounding at the first differing step (a near-tie argmax)."""
-    if ours.shape == theirs.shape and np.array_equal(ours, theirs):
-        return True
-    n = min(ours.shape[1], theirs.shape[1])
-    diff = np.argwhere(ours[:, :n] != theirs[:, :n])
-    assert diff.size, f"refjax generated {ours.shape[1] - T0} tokens, HF {theirs.shape[1] - T0}:\n{ours}\n{theirs}"
-    row, col = diff[np.argmin(diff[:, 1])]
-    step_logits = np.sort(hf_logits[row, col - T0])
-    gap = step_logits[-1] - step_logits[-2]
-    assert col >= T0 and gap < 1e-4 * max(1.0, abs(step_logits[-1])), (
-        f"first difference at row {row}, step {col - T0} (HF top-2 logit gap {gap:.3g}):\n{ours}\n{theirs}")
-    return False
-
-
 @st.composite
 def generate_cases(draw, rope_type: str):
     raw = draw(raw_configs("ArceeForCausalLM", rope_types=(rope_type,), max_positions=(4, 12)))
@@ -407,14 +391,14 @@ def test_greedy_generate_matches_hf(rope_type, data):
                 ck.params, config, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
                 max_new_tokens=max_new, sampling=Sampling(do_sample=False)))
 
-        theirs, logits = _hf_generate(fresh_hf("ArceeForCausalLM", tmp), ids, mask, max_new, pad, None)
+        theirs, logits = hf_generate(fresh_hf("ArceeForCausalLM", tmp), ids, mask, max_new, pad, None)
         assert theirs.shape == (ids.shape[0], T0 + max_new)
-        if not _assert_same_tokens(ours(ck.config), theirs, logits, T0):
+        if not assert_same_tokens(ours(ck.config), theirs, logits, T0):
             return
         eos = int(theirs[row, T0 + step])
-        theirs_eos, logits_eos = _hf_generate(fresh_hf("ArceeForCausalLM", tmp), ids, mask, max_new, pad, eos)
+        theirs_eos, logits_eos = hf_generate(fresh_hf("ArceeForCausalLM", tmp), ids, mask, max_new, pad, eos)
     note(f"eos={eos}: HF {theirs_eos.tolist()}")
-    _assert_same_tokens(ours(dataclasses.replace(ck.config, eos_token_id=eos)), theirs_eos, logits_eos, T0)
+    assert_same_tokens(ours(dataclasses.replace(ck.config, eos_token_id=eos)), theirs_eos, logits_eos, T0)
 
 
 # --------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import DATA  # noqa: E402
 from hf_helpers import (  # noqa: E402
-    GPT2_ARCHITECTURES, TOL, assert_close, build_hf_model, hf_outputs, quiet_torch, supported_activations)
+    GPT2_ARCHITECTURES, TOL, assert_close, assert_same_tokens, build_hf_model, hf_generate, hf_outputs, quiet_torch,
+    supported_activations)
 from params import gpt2 as gpt2_params  # noqa: E402
 from params.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from params.config import parse_gpt2_config  # noqa: E402
@@ -439,31 +440,6 @@ def test_save_checkpoint_loads_in_hf(case: Case, sharded: bool):
 # 3. Greedy generation == HF generate
 # --------------------------------------------------------------------------------------
 
-def _hf_generate(model, ids, mask, max_new_tokens, pad, eos):
-    with torch.no_grad():
-        out = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=pad, eos_token_id=eos, return_dict_in_generate=True,
-                             output_logits=True)
-    return out.sequences.numpy(), np.stack([t.float().numpy() for t in out.logits], 1)  # [B, n, V]
-
-
-def _assert_same_tokens(ours: np.ndarray, theirs: np.ndarray, hf_logits: np.ndarray, T0: int) -> bool:
-    """True when equal. A difference is accepted (False) only where HF's top two logits
-    are within float32 rounding at the first differing step (a near-tie argmax)."""
-    if ours.shape == theirs.shape and np.array_equal(ours, theirs):
-        return True
-    n = min(ours.shape[1], theirs.shape[1])
-    diff = np.argwhere(ours[:, :n] != theirs[:, :n])
-    assert diff.size, f"refjax generated {ours.shape[1] - T0} tokens, HF {theirs.shape[1] - T0}:\n{ours}\n{theirs}"
-    row, col = diff[np.argmin(diff[:, 1])]
-    step_logits = np.sort(hf_logits[row, col - T0])
-    gap = step_logits[-1] - step_logits[-2]
-    assert col >= T0 and gap < 1e-4 * max(1.0, abs(step_logits[-1])), (
-        f"first difference at row {row}, step {col - T0} (HF top-2 logit gap {gap:.3g}):\n{ours}\n{theirs}")
-    return False
-
-
 @st.composite
 def generate_cases(draw):
     arch = draw(st.sampled_from(LM_ARCHITECTURES))
@@ -497,19 +473,19 @@ def _check_generation(arch, cfg, seed, ids, mask, max_new, eos_at):
                                        max_new_tokens=max_new, sampling=Sampling(do_sample=False)))
 
     # No eos: every row runs max_new steps.
-    theirs, logits = _hf_generate(model, ids, mask, max_new, pad, None)
+    theirs, logits = hf_generate(model, ids, mask, max_new, pad, None)
     assert theirs.shape == (ids.shape[0], T0 + max_new)
-    if not _assert_same_tokens(ours(ck.config), theirs, logits, T0):
+    if not assert_same_tokens(ours(ck.config), theirs, logits, T0):
         return
     # eos = a token HF generated: that row stops there; finished rows are padded, and when
     # every row has finished HF returns shorter sequences.
     row, step = eos_at
     eos = int(theirs[row, T0 + step])
-    theirs_eos, logits_eos = _hf_generate(model, ids, mask, max_new, pad, eos)
+    theirs_eos, logits_eos = hf_generate(model, ids, mask, max_new, pad, eos)
     assert np.any(theirs_eos[:, T0:] == eos)
     mine_eos = ours(dataclasses.replace(ck.config, eos_token_id=eos))
     note(f"eos={eos}: HF {theirs_eos.tolist()}")
-    _assert_same_tokens(mine_eos, theirs_eos, logits_eos, T0)
+    assert_same_tokens(mine_eos, theirs_eos, logits_eos, T0)
 
 
 @settings(max_examples=10, **SETTINGS)
@@ -531,10 +507,10 @@ def test_greedy_generate_all_rows_hit_eos():
     ids = np.array([[0, *real], [7, *real]], np.int64)
     mask = np.array([[0, 1, 1, 1, 1, 1]] * 2, np.int64)
     T0, max_new = 6, 8
-    theirs, _ = _hf_generate(model, ids, mask, max_new, 0, None)
+    theirs, _ = hf_generate(model, ids, mask, max_new, 0, None)
     np.testing.assert_array_equal(theirs[0, T0:], theirs[1, T0:])
     eos = int(theirs[0, T0 + 2])
-    theirs_eos, _ = _hf_generate(model, ids, mask, max_new, 0, eos)
+    theirs_eos, _ = hf_generate(model, ids, mask, max_new, 0, eos)
     assert theirs_eos.shape[1] <= T0 + 3 < T0 + max_new
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -554,12 +530,12 @@ def test_greedy_generate_stops_at_any_eos_of_a_list():
     ids = np.array([[5, 6, 7, 8], [0, 9, 10, 11]], np.int64)
     mask = np.array([[1, 1, 1, 1], [0, 1, 1, 1]], np.int64)
     T0, max_new = 4, 8
-    free, _ = _hf_generate(model, ids, mask, max_new, 0, None)
+    free, _ = hf_generate(model, ids, mask, max_new, 0, None)
     never = next(t for t in range(1, 48) if t not in free)  # an eos id that is never generated
     eos_list = [never, int(free[0, T0 + 1])]
     model.config.eos_token_id = eos_list
     model.generation_config.eos_token_id = eos_list
-    theirs, _ = _hf_generate(model, ids, mask, max_new, 0, eos_list)
+    theirs, _ = hf_generate(model, ids, mask, max_new, 0, eos_list)
     assert np.isin(theirs[0, T0:], eos_list).any()  # HF stopped row 0 at the second id
     with tempfile.TemporaryDirectory() as tmp:
         ck = _save_and_load(model, tmp)
