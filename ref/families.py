@@ -19,6 +19,7 @@ class FamilyOps:
     lm_architectures: tuple[str, ...]  # heads that produce next-token logits (can generate)
     max_positions: Callable[[Any], int | None]  # config -> size of the position table (None: RoPE, no table)
     taps: tuple[str, ...]  # tap names in dataflow order (`ref/<family>.py: TAPS`, docs/taps.md)
+    takes_position_ids: bool = True  # False: HF's forward has no position_ids (positions = cache slots)
 
     def generate(self, params, config, input_ids, attention_mask=None, *, max_new_tokens: int,
                  sampling: generate_lib.Sampling = generate_lib.Sampling(), key=None, return_logits=False,
@@ -32,7 +33,7 @@ class FamilyOps:
             self.forward, self.init_cache, params, config, input_ids, attention_mask,
             max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=config.eos_token_id,
             pad_token_id=config.pad_token_id, key=key, max_positions=self.max_positions(config),
-            return_logits=return_logits, fast=fast)
+            return_logits=return_logits, fast=fast, takes_position_ids=self.takes_position_ids)
 
 
 FAMILIES: dict[str, FamilyOps] = {

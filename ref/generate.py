@@ -78,15 +78,18 @@ def prompt_positions(attention_mask: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("forward", "init_cache", "config", "max_new_tokens", "sampling",
-                                             "eos_token_id", "pad_token_id", "return_logits", "fast"))
+                                             "eos_token_id", "pad_token_id", "return_logits", "fast",
+                                             "takes_position_ids"))
 def _generate(params, input_ids, attention_mask, key, *, forward: Callable, init_cache: Callable, config: Any,
               max_new_tokens: int, sampling: Sampling, eos_token_id: int | tuple[int, ...] | None, pad_token_id: int,
-              return_logits: bool, fast: bool):
+              return_logits: bool, fast: bool, takes_position_ids: bool):
     B, T0 = input_ids.shape
     total = T0 + max_new_tokens
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     cache = init_cache(config, B, total, dtype)
-    prefill = forward(params, config, input_ids, attention_mask, position_ids=prompt_positions(attention_mask),
+    # Families whose HF model has no position_ids input (positions = cache slot index) get none.
+    positions = (lambda p: dict(position_ids=p)) if takes_position_ids else (lambda p: {})
+    prefill = forward(params, config, input_ids, attention_mask, **positions(prompt_positions(attention_mask)),
                       cache=cache, fast=fast)
     sequences = jnp.concatenate([input_ids.astype(jnp.int32), jnp.full((B, max_new_tokens), pad_token_id, jnp.int32)], 1)
     step_logits = jnp.zeros((B, max_new_tokens if return_logits else 0, prefill.logits.shape[-1]), jnp.float32)
@@ -118,7 +121,7 @@ def _generate(params, input_ids, attention_mask, key, *, forward: Callable, init
         else:
             step_logits = s["step_logits"]
         out = forward(params, config, token[:, None], jnp.ones((B, 1), jnp.int32),
-                      position_ids=s["next_position"][:, None], cache=s["cache"], fast=fast)
+                      **positions(s["next_position"][:, None]), cache=s["cache"], fast=fast)
         return dict(step=s["step"] + 1, sequences=sequences, logits=out.logits[:, -1].astype(jnp.float32),
                     cache=out.cache, next_position=s["next_position"] + 1, finished=finished, key=key,
                     step_logits=step_logits)
@@ -130,12 +133,14 @@ def _generate(params, input_ids, attention_mask, key, *, forward: Callable, init
 def generate(forward: Callable, init_cache: Callable, params, config, input_ids, attention_mask=None, *,
              max_new_tokens: int, sampling: Sampling = Sampling(), eos_token_id: int | tuple[int, ...] | None = None,
              pad_token_id: int | None = None, key: jax.Array | None = None, max_positions: int | None = None,
-             return_logits: bool = False, fast: bool = False):
+             return_logits: bool = False, fast: bool = False, takes_position_ids: bool = True):
     """Decode up to `max_new_tokens` after left-padded prompts [B, T0].
 
     Returns sequences [B, T0 + n] (prompt + new tokens, n <= max_new_tokens: shorter when
     every row hit eos, as HF), and with `return_logits` also the fp32 next-token logits
     [B, n, V] that chose each new token. `fast` selects the fast attention path.
+    `takes_position_ids=False` is for families whose HF forward has no position ids
+    (RoFormer, MEGA): `forward` is then called without them.
     """
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2 or 0 in input_ids.shape:
@@ -163,7 +168,7 @@ def generate(forward: Callable, init_cache: Callable, params, config, input_ids,
     sequences, steps, step_logits = _generate(
         params, input_ids, attention_mask, key, forward=forward, init_cache=init_cache, config=config,
         max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        return_logits=return_logits, fast=fast)
+        return_logits=return_logits, fast=fast, takes_position_ids=takes_position_ids)
     n = int(steps)
     sequences = sequences[:, : input_ids.shape[1] + n]
     return (sequences, step_logits[:, :n]) if return_logits else sequences

@@ -16,7 +16,10 @@ It needs the pinned reference stack (torch 2.13.0, transformers 4.57.6).
 
 Adding a family: write a table of variants and a builder ``build(name, variant,
 case_dir) -> CaseInfo`` that writes the case files into ``case_dir``, then register
-each variant in ``CASES`` (see ``register_gpt2`` and ``register_arcee``).
+each variant in ``CASES``. GPT-2 and Arcee live in this file (``register_gpt2``,
+``register_arcee``); later families each have their own module ``tools/golden_<family>.py``
+with a ``register(lib)`` function (``lib`` is this module: its utilities and ``CASES``),
+listed in ``FAMILY_MODULES``, so no single file grows past reading.
 """
 
 from __future__ import annotations
@@ -979,6 +982,18 @@ def register_arcee() -> None:
         CASES[name] = functools.partial(build_arcee, name, variant)
 
 
+# Families whose builders live in their own module next to this script (tools/golden_<family>.py).
+FAMILY_MODULES: tuple[str, ...] = ()
+
+
+def register_family_modules() -> None:
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    for module_name in FAMILY_MODULES:
+        importlib.import_module(module_name).register(sys.modules[__name__])
+
+
 # --------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------
@@ -1020,11 +1035,23 @@ def build_case(name: str, out: Path) -> CaseInfo:
 
 def write_manifest(out: Path, built: dict[str, CaseInfo]) -> None:
     """Update MANIFEST.json: generator versions, case entries, sha256 of every file on disk."""
+    import fcntl
+
+    # Concurrent `--only` runs each read-modify-write the manifest: hold a lock on the
+    # output directory itself (no lock file to list or forget) so none loses another's cases.
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _write_manifest_locked(out, out / "MANIFEST.json", built)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest_locked(out: Path, path: Path, built: dict[str, CaseInfo]) -> None:
     import tokenizers
     import torch
     import transformers
 
-    path = out / "MANIFEST.json"
     cases = json.loads(path.read_text())["cases"] if path.exists() else {}
     cases.update({name: dataclasses.asdict(info) for name, info in built.items()})
     cases = {name: c for name, c in cases.items() if (out / name).is_dir()}
@@ -1063,6 +1090,7 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()
     register_gpt2()
     register_arcee()
+    register_family_modules()
 
     names = select(args.only)
     args.out.mkdir(parents=True, exist_ok=True)
