@@ -266,8 +266,8 @@ def tree_from_tensors(tensors: Mapping[str, np.ndarray], skeleton: Any, rules: l
                       dropped: Mapping[str, str], base_prefix: str = "", dtype: Any = None) -> Any:
     """Fill `skeleton` (a tree of ShapeDtypeStructs) from HF-named tensors.
 
-    Strict: every leaf must be found with the right shape and a floating dtype, and every
-    tensor must be used exactly once or match a `dropped` pattern (key regex -> reason).
+    Strict: every leaf must be found with the right shape, a floating dtype and finite
+    values, and every tensor must be used exactly once or match a `dropped` pattern (key regex -> reason).
     `base_prefix`: if no key carries it (HF's bare-body checkpoints), it is added to every
     key that no rule names without it, as HF's `from_pretrained` does.
     `dtype`: cast leaves to it; None keeps the checkpoint dtype.
@@ -280,10 +280,13 @@ def tree_from_tensors(tensors: Mapping[str, np.ndarray], skeleton: Any, rules: l
     used: set[str] = set()
     leaves = []
 
-    def to_device(part, rule):  # one tensor: read into a fresh host buffer, transpose, move, cast
+    def to_device(part, rule, key):  # one tensor: read into a fresh host buffer, check, transpose, move, cast
         # A fresh buffer each time: device_put may alias host memory while dispatch is
         # asynchronous, so a reused scratch buffer would be overwritten under it.
         array = np.asarray(part)
+        bad = _count_nonfinite(array)
+        if bad:  # a NaN/inf weight only ever gives NaN outputs: refuse it here, naming it
+            raise CheckpointError(f"tensor {key!r} holds {bad} non-finite value(s) (NaN or inf)")
         array = np.swapaxes(array, -1, -2) if rule.transpose else array
         return jax.device_put(array).astype(dtype or array.dtype)
 
@@ -305,15 +308,22 @@ def tree_from_tensors(tensors: Mapping[str, np.ndarray], skeleton: Any, rules: l
         if "{i}" in rule.hf:  # fill the [L, ...] stack layer by layer, in place: no second copy of the group
             leaf_dtype = dtype or parts[0].dtype
             leaf = jax.numpy.zeros((len(parts),) + _hf_shape(per_key_shape, rule), leaf_dtype)
-            for i, part in enumerate(parts):
-                leaf = _set_layer(leaf, to_device(part, rule), np.int32(i))
+            for i, (key, part) in enumerate(zip(keys, parts)):
+                leaf = _set_layer(leaf, to_device(part, rule, key), np.int32(i))
         else:
-            leaf = to_device(parts[0], rule)
+            leaf = to_device(parts[0], rule, keys[0])
         leaves.append(leaf)
     for key in sorted(set(tensors) - used):
         if not any(re.fullmatch(pattern, key) for pattern in dropped):
             raise CheckpointError(f"unexpected tensor {key!r} (shape {list(tensors[key].shape)}) in checkpoint")
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(skeleton), leaves)
+
+
+def _count_nonfinite(array: np.ndarray, chunk: int = 1 << 20) -> int:
+    """NaN/inf entries, counted a chunk at a time so no full-size mask is allocated."""
+    flat = array.reshape(-1)
+    return sum(int(chunk_len - np.count_nonzero(np.isfinite(flat[i:i + chunk])))
+               for i in range(0, flat.size, chunk) for chunk_len in [min(chunk, flat.size - i)])
 
 
 @functools.partial(jax.jit, donate_argnums=0)
