@@ -285,8 +285,15 @@ def cmd_diff(args) -> int:
 # --------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with refjax's error contract: one line `refjax: error: ...`, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"refjax: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refjax", description="JAX reference implementations of HF transformers, "
+    parser = _Parser(prog="refjax", description="JAX reference implementations of HF transformers, "
                                                                 "verified against golden tensors.")
     sub = parser.add_subparsers(dest="command", required=True)
 
