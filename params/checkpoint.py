@@ -16,6 +16,7 @@ from typing import Any
 from params import config as config_lib
 from params import arcee, gpt2
 from params import io
+from params import roformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(config_lib.parse_gpt2_config, gpt2),
     "arcee": Family(config_lib.parse_arcee_config, arcee),
+    "roformer": Family(roformer.parse_roformer_config, roformer),
 }
 
 
@@ -58,6 +60,8 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, dtype: Any = None) -> Che
     family, config, raw = load_config(checkpoint_dir)
     module = FAMILIES[family].module
     tensors = io.read_checkpoint_tensors(checkpoint_dir, lazy=True)
+    if hasattr(module, "computed_tensors"):  # buffers HF recomputes when a checkpoint lacks them (RoFormer)
+        tensors = {**tensors, **module.computed_tensors(config, tensors.keys())}
     params = io.tree_from_tensors(
         tensors, module.skeleton(config), module.name_rules(config), module.dropped_keys(config),
         base_prefix=module.base_prefix(config), dtype=dtype)
