@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 __all__ = ["load_tokenizer", "encode", "decode", "BUILDERS"]
 
@@ -68,6 +68,9 @@ def load_tokenizer(checkpoint_dir: str | os.PathLike, family: str | None = None)
         tokenizer = BUILDERS[family](directory, tokenizer_config)
 
     _add_config_tokens(tokenizer, directory, tokenizer_config)
+    family = family or _model_type(directory)
+    if family in CODE_PRE_TOKENIZERS:  # not serialisable, so never in tokenizer.json: attached here, as HF does
+        tokenizer.pre_tokenizer = CODE_PRE_TOKENIZERS[family](tokenizer.get_vocab())
     return tokenizer
 
 
@@ -150,9 +153,102 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
+# --------------------------------------------------------------------------- RoFormer
+
+
+class MissingDependencyError(ImportError):
+    """An optional package a tokenizer needs is not installed; the message has the pip command."""
+
+
+class JiebaSplit:
+    """RoFormer's pre-tokenizer (HF `models/roformer/tokenization_utils.py: JiebaPreTokenizer`):
+    rjieba word segmentation (hmm=False) of the normalized text; a word in the vocabulary stays
+    whole, any other word is split like BERT's normalizer would (spaces around CJK characters,
+    then on whitespace). Reproduced quirk: the offsets of those pieces advance by their own
+    lengths only, so whitespace inside a word shifts the following pieces (as in HF)."""
+
+    def __init__(self, vocab: dict[str, int]):
+        try:
+            import rjieba
+        except ImportError:
+            raise MissingDependencyError(
+                "the RoFormer tokenizer needs rjieba (jieba word segmentation), which is not installed: "
+                "pip install rjieba  (or: pip install 'refjax[chinese]')") from None
+        self.jieba = rjieba
+        self.vocab = vocab
+        self.bert_split = normalizers.BertNormalizer(clean_text=False, handle_chinese_chars=True,
+                                                     strip_accents=False, lowercase=False)
+
+    def split(self, _index: int, text):  # text: tokenizers.NormalizedString
+        pieces = []
+        for word, start, end in self.jieba.tokenize(str(text), hmm=False):
+            if word in self.vocab:
+                pieces.append(text[start:end])
+                continue
+            for part in self.bert_split.normalize_str(word).split():
+                end = start + len(part)
+                pieces.append(text[start:end])
+                start = end
+        return pieces
+
+    def pre_tokenize(self, pretok) -> None:
+        pretok.split(self.split)
+
+
+def jieba_pre_tokenizer(vocab: dict[str, int]) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.PreTokenizer.custom(JiebaSplit(vocab))
+
+
+def _build_roformer(directory: Path, tokenizer_config: dict[str, Any]) -> Tokenizer:
+    """BERT WordPiece from vocab.txt, as HF's RoFormerConverter + RoFormerTokenizerFast build
+    it: BertNormalizer (clean_text, no CJK spacing: jieba segments; lowercase = do_lower_case,
+    default true; strip_accents as configured, null following lowercase), [CLS] $A [SEP]
+    ([CLS] $A [SEP] $B [SEP] for pairs). The jieba pre-tokenizer is attached by `load_tokenizer`."""
+    vocab_path = directory / "vocab.txt"
+    if not vocab_path.is_file():
+        raise FileNotFoundError(f"no tokenizer files in {str(directory)!r}: looked for {TOKENIZER_JSON} or vocab.txt")
+    lines = _read_text(vocab_path).split("\n")  # HF's load_vocab: readlines(), newline stripped
+    if lines and lines[-1] == "":
+        lines.pop()
+    vocab = {}
+    for index, token in enumerate(lines):
+        vocab[token] = index  # a repeated token keeps its last id, as in HF
+    names = {key: _token_content(tokenizer_config.get(key, default)) for key, default in (
+        ("unk_token", "[UNK]"), ("cls_token", "[CLS]"), ("sep_token", "[SEP]"))}
+    for key, token in names.items():
+        if token not in vocab:
+            raise ValueError(f"{key} {token!r} is not in {vocab_path}")
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=names["unk_token"], continuing_subword_prefix="##",
+                                           max_input_chars_per_word=100))
+    lowercase = bool(tokenizer_config.get("do_lower_case", True))
+    strip_accents = tokenizer_config.get("strip_accents")
+    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=False,
+                                                      strip_accents=strip_accents, lowercase=lowercase)
+    cls, sep = names["cls_token"], names["sep_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    # RoFormerTokenizerFast's special tokens (its defaults unless the config names others),
+    # matched in the raw text before normalization
+    specials = [_token_content(tokenizer_config.get(key) or default) for key, default in (
+        ("unk_token", "[UNK]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"), ("cls_token", "[CLS]"),
+        ("mask_token", "[MASK]"))]
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    return tokenizer
+
+
+# model_type -> a pre-tokenizer that exists only in code (PreTokenizer.custom cannot be saved),
+# built from the final vocabulary; applied whether the tokenizer came from tokenizer.json or not.
+CODE_PRE_TOKENIZERS: dict[str, Callable[[dict[str, int]], Any]] = {
+    "roformer": jieba_pre_tokenizer,
+}
+
+
 # model_type (config.json) -> builder from the family's slow tokenizer files.
 BUILDERS: dict[str, Callable[[Path, dict[str, Any]], Tokenizer]] = {
     "gpt2": _build_gpt2,
+    "roformer": _build_roformer,
 }
 
 

@@ -10,12 +10,15 @@ from typing import Any, Callable
 
 from ref import generate as generate_lib
 from ref import arcee, gpt2
+from ref import ibert
+from ref import mega
+from ref import roformer
 
 
 @dataclasses.dataclass(frozen=True)
 class FamilyOps:
     forward: Callable[..., Any]
-    init_cache: Callable[..., Any]
+    init_cache: Callable[..., Any] | None  # None: no causal LM (an encoder), generate refuses
     lm_architectures: tuple[str, ...]  # heads that produce next-token logits (can generate)
     max_positions: Callable[[Any], int | None]  # config -> size of the position table (None: RoPE, no table)
     taps: tuple[str, ...]  # tap names in dataflow order (`ref/<family>.py: TAPS`, docs/taps.md)
@@ -26,6 +29,9 @@ class FamilyOps:
                  fast: bool = False):
         """`ref.generate.generate` with this family's forward and cache, stopping at the
         config's eos id and padding finished rows with its pad id (eos when unset, as HF)."""
+        if self.init_cache is None:
+            raise ValueError(f"{config.architecture} is an encoder without a causal LM head: generate is not "
+                             "available for this family (use forward)")
         if config.architecture not in self.lm_architectures:
             raise ValueError(f"{config.architecture} is not a language model; generate needs one of: "
                              + ", ".join(self.lm_architectures))
@@ -50,5 +56,28 @@ FAMILIES: dict[str, FamilyOps] = {
         lm_architectures=("ArceeForCausalLM",),
         max_positions=lambda config: None,
         taps=arcee.TAPS,
+    ),
+    "ibert": FamilyOps(
+        forward=ibert.forward,
+        init_cache=None,  # an encoder: no causal LM, no cache
+        lm_architectures=(),
+        max_positions=lambda config: config.max_tokens,  # RoBERTa positions start after pad_token_id
+        taps=ibert.TAPS,
+    ),
+    "mega": FamilyOps(
+        forward=mega.forward,
+        init_cache=mega.init_cache,
+        lm_architectures=("MegaForCausalLM",),  # decoders only (init_cache refuses the rest, as HF does)
+        max_positions=lambda config: config.bias_positions if config.relative_positional_bias == "simple" else None,
+        taps=mega.TAPS,
+        takes_position_ids=False,  # HF's MEGA has no position_ids
+    ),
+    "roformer": FamilyOps(
+        forward=roformer.forward,
+        init_cache=roformer.init_cache,
+        lm_architectures=("RoFormerForCausalLM",),  # needs config.is_decoder (forward refuses a cache otherwise)
+        max_positions=lambda config: config.max_position_embeddings,
+        taps=roformer.TAPS,
+        takes_position_ids=False,  # HF's RoFormer has no position_ids: positions are the cache slots
     ),
 }

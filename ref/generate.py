@@ -155,9 +155,11 @@ def generate(forward: Callable, init_cache: Callable, params, config, input_ids,
     if mask_np.shape[1] > 1 and np.any(mask_np[:, 1:] < mask_np[:, :-1]):
         raise ValueError("prompts must be left-padded (attention_mask 0s before 1s in every row), as HF requires")
     if max_positions is not None:
-        longest = int(mask_np.sum(-1).max()) + max_new_tokens
+        # positions count real tokens; without position ids they are the slots, pads included
+        prompt = int(mask_np.sum(-1).max()) if takes_position_ids else mask_np.shape[1]
+        longest = prompt + max_new_tokens
         if longest > max_positions:
-            raise ValueError(f"prompt ({int(mask_np.sum(-1).max())} tokens) + max_new_tokens ({max_new_tokens}) = "
+            raise ValueError(f"prompt ({prompt} tokens) + max_new_tokens ({max_new_tokens}) = "
                              f"{longest} exceeds the position table ({max_positions} positions)")
     if max_new_tokens == 0:
         return (input_ids, jnp.zeros((input_ids.shape[0], 0, 0), jnp.float32)) if return_logits else input_ids
