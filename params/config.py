@@ -576,4 +576,24 @@ def parse_arcee_config(raw: Mapping[str, Any], architecture: str | None = None) 
         **_common(f),
     )
     f.check_all_used(ARCEE_IGNORED)
+    _check_rope_against_sizes(config)
     return config
+
+
+def _check_rope_against_sizes(config: ArceeConfig) -> None:
+    """Combinations on which HF's rope init functions divide by zero or compare None
+    (a ZeroDivisionError / TypeError at model build there): refused here, by name."""
+    rope = config.rope_scaling
+    if rope.rope_type == "dynamic" and config.head_dim <= 2:
+        raise ConfigError(f"arcee config: rope_type 'dynamic' needs 'head_dim' > 2 (its NTK base grows with the "
+                          f"power d / (d - 2)), got {config.head_dim}")
+    if rope.rope_type == "longrope" and rope.attention_factor is None:
+        original = config.original_max_position_embeddings
+        if not original and rope.factor is None:
+            raise ConfigError("arcee config: rope_type 'longrope' needs 'rope_scaling.factor' (or a top-level "
+                              "'original_max_position_embeddings', or 'rope_scaling.attention_factor')")
+        factor = config.max_position_embeddings / original if original else rope.factor
+        if factor > 1 and (original or config.max_position_embeddings) == 1:
+            raise ConfigError("arcee config: rope_type 'longrope' derives its attention factor from "
+                              "log(original_max_position_embeddings), which is 0 here; give "
+                              "'rope_scaling.attention_factor' or a longer original context")

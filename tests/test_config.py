@@ -475,3 +475,32 @@ def test_mutated_configs_parse_or_raise_config_error(base, mutations):
         else:
             assert family == "gpt2"
             assert_valid(config)
+
+
+ARCEE_TINY = dict(model_type="arcee", architectures=["ArceeForCausalLM"], hidden_size=16, num_attention_heads=8,
+                  num_key_value_heads=8, num_hidden_layers=1, intermediate_size=8, vocab_size=10,
+                  max_position_embeddings=16)
+
+
+@pytest.mark.parametrize("raw, culprit", [
+    (dict(ARCEE_TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "'head_dim' > 2"),
+    (dict(ARCEE_TINY, rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}),
+     "'rope_scaling.factor'"),
+    (dict(ARCEE_TINY, max_position_embeddings=1,
+          rope_scaling={"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0], "long_factor": [1.0]}),
+     "log\\(original_max_position_embeddings\\)"),
+])
+def test_arcee_rope_combinations_hf_cannot_build_are_config_errors(raw, culprit):
+    """HF raises ZeroDivisionError / TypeError building these (head_dim 2 here); we name the field."""
+    from params.config import parse_arcee_config
+
+    with pytest.raises(ConfigError, match=culprit):
+        parse_arcee_config(raw)
+
+
+def test_arcee_longrope_with_attention_factor_needs_no_factor():
+    from params.config import parse_arcee_config
+
+    config = parse_arcee_config(dict(ARCEE_TINY, rope_scaling={
+        "rope_type": "longrope", "attention_factor": 1.5, "short_factor": [1.0], "long_factor": [1.0]}))
+    assert config.rope_scaling.attention_factor == 1.5

@@ -61,7 +61,9 @@ FAMILY_ROWS = {
                       ("rope_scaling", {"rope_type": "ntk-by-parts", "factor": 2.0}, "'rope_scaling.rope_type'"),
                       ("rope_scaling", {"rope_type": "linear"}, "'rope_scaling.factor'"),
                       ("rms_norm_eps", -1e-6, "'rms_norm_eps'"),
-                      ("head_dim", 7, "'head_dim'"))),
+                      ("head_dim", 7, "'head_dim'"),
+                      ("rope_scaling", {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4},
+                       "'rope_scaling.factor'"))),
 }
 
 
