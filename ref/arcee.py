@@ -11,6 +11,7 @@ without materialising repeated K/V (ref/attention.py). Query scale 1/sqrt(head_d
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -20,6 +21,8 @@ from ref import cache as cache_lib
 from ref import heads, losses, nn, rotary
 from ref.attention import FUTURE_FINFO_MIN, causal_mask, fast_attention, softmax_attention
 from ref.cache import KVCache, write_slots
+from ref import layers
+from ref.layers import run_layers
 from ref.validate import as_arrays, check_task_labels, check_token_inputs
 
 
@@ -111,13 +114,14 @@ def model(p: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=No
     embed_x = x
 
     def step(x, layer):
-        layer_params, kv = layer
+        layer_params, _, kv = layer
         x_in = x
         x, probs, new_kv, taps = decoder_layer(layer_params, config, x, cos, sin, key_valid, causal, kv, start, fast)
         return x, (x_in, probs, new_kv if cache is not None else None, taps if want_taps else None)
 
     kv_stack = None if cache is None else (cache.keys, cache.values)
-    x, (layer_inputs, attentions, new_kv, layer_taps) = jax.lax.scan(jax.checkpoint(step) if remat else step, x, (body.layers, kv_stack))
+    # a lax.scan over the stacked layers (or a loop over `ref.layers.unstack`ed ones)
+    x, (layer_inputs, attentions, new_kv, layer_taps) = run_layers(step, x, body.layers, kv_stack, remat)
     last = nn.rms_norm(body.norm, x, config.rms_norm_eps)
     hidden_states = jnp.concatenate([layer_inputs, last[None]], axis=0)  # [L + 1, B, T, D]
     new_cache = None
@@ -181,6 +185,13 @@ def forward(params: ArceeParams, config: ArceeConfig, input_ids=None, attention_
         out["start_logits"], out["end_logits"], out["loss"] = heads.question_answering(
             params.qa_outputs, last, start_positions, end_positions)
     return heads.Output(**out)
+
+
+def unstack_layers(params):
+    """The same params with the layer stack re-laid as a tuple of per-layer trees (one copy):
+    every forward then loops over layers instead of scanning, which spares decoding a copy
+    of each layer's weights per token on CPU (see ref/layers.py). Same outputs."""
+    return eqx.tree_at(lambda p: p.model.layers, params, layers.unstack(params.model.layers))
 
 
 def init_cache(config: ArceeConfig, batch: int, max_length: int, dtype) -> KVCache:

@@ -23,6 +23,7 @@ class FamilyOps:
     max_positions: Callable[[Any], int | None]  # config -> size of the position table (None: RoPE, no table)
     taps: tuple[str, ...]  # tap names in dataflow order (`ref/<family>.py: TAPS`, docs/taps.md)
     takes_position_ids: bool = True  # False: HF's forward has no position_ids (positions = cache slots)
+    unstack_layers: Callable[[Any], Any] | None = None  # params -> same params, layers as a tuple (ref/layers.py)
 
     def generate(self, params, config, input_ids, attention_mask=None, *, max_new_tokens: int,
                  sampling: generate_lib.Sampling = generate_lib.Sampling(), key=None, return_logits=False,
@@ -49,6 +50,7 @@ FAMILIES: dict[str, FamilyOps] = {
         lm_architectures=("GPT2LMHeadModel", "GPT2DoubleHeadsModel"),
         max_positions=lambda config: config.n_positions,
         taps=gpt2.TAPS,
+        unstack_layers=gpt2.unstack_layers,
     ),
     "arcee": FamilyOps(
         forward=arcee.forward,

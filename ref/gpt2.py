@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -21,6 +22,8 @@ from ref import heads, losses, nn
 from ref.attention import causal_mask, fast_attention, softmax_attention
 from ref import cache as cache_lib
 from ref.cache import KVCache, write_slots
+from ref import layers
+from ref.layers import run_layers
 from ref.validate import as_arrays, check_labels, check_task_labels, check_token_inputs
 
 
@@ -123,8 +126,8 @@ def transformer(p: GPT2Body, config: GPT2Config, input_ids=None, attention_mask=
         return x, (x_in, probs, new_kv if cache is not None else None, taps if want_taps else None)
 
     kv_stack = None if cache is None else (cache.keys, cache.values)
-    layer_ids = jnp.arange(config.n_layer, dtype=jnp.int32)
-    x, (block_inputs, attentions, new_kv, layer_taps) = jax.lax.scan(jax.checkpoint(step) if remat else step, x, (p.h, layer_ids, kv_stack))
+    # a lax.scan over the stacked layers (or a loop over `ref.layers.unstack`ed ones)
+    x, (block_inputs, attentions, new_kv, layer_taps) = run_layers(step, x, p.h, kv_stack, remat)
     last = nn.layer_norm(p.ln_f, x, config.layer_norm_epsilon)
     hidden_states = jnp.concatenate([block_inputs, last[None]], axis=0)  # [L + 1, B, T, D]
     new_cache = None
@@ -212,6 +215,13 @@ def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_ma
         out["start_logits"], out["end_logits"], out["loss"] = heads.question_answering(
             params.qa_outputs, last, start_positions, end_positions)
     return heads.Output(**out)
+
+
+def unstack_layers(params):
+    """The same params with the layer stack re-laid as a tuple of per-layer trees (one copy):
+    every forward then loops over layers instead of scanning, which spares decoding a copy
+    of each layer's weights per token on CPU (see ref/layers.py). Same outputs."""
+    return eqx.tree_at(lambda p: p.transformer.h, params, layers.unstack(params.transformer.h))
 
 
 def init_cache(config: GPT2Config, batch: int, max_length: int, dtype) -> KVCache:
