@@ -58,6 +58,7 @@ FAMILIES: dict[str, FamilyOps] = {
         lm_architectures=("ArceeForCausalLM",),
         max_positions=lambda config: None,
         taps=arcee.TAPS,
+        unstack_layers=arcee.unstack_layers,
     ),
     "ibert": FamilyOps(
         forward=ibert.forward,
