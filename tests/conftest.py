@@ -32,3 +32,16 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 GOLDEN = os.path.join(ROOT, "golden")
 DATA = os.path.join(ROOT, "tests", "data")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop JAX's compiled executables after each test module. Every executable keeps
+    memory mappings alive, and one pytest process compiling thousands of them (five
+    families, all heads, hypothesis) can reach the kernel's limit of 65,530 mappings and
+    crash; modules share little compiled code, so clearing between them costs little."""
+    yield
+    jax.clear_caches()
