@@ -16,6 +16,7 @@ from typing import Any
 from params import config as config_lib
 from params import arcee, gpt2
 from params import io
+from params import mega
 from params import roformer
 
 
@@ -28,6 +29,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(config_lib.parse_gpt2_config, gpt2),
     "arcee": Family(config_lib.parse_arcee_config, arcee),
+    "mega": Family(mega.parse_mega_config, mega),
     "roformer": Family(roformer.parse_roformer_config, roformer),
 }
 

@@ -29,7 +29,8 @@ from typing import Any, Sequence
 DTYPES = ("float32", "float64", "bfloat16")
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "mc_token_ids", "labels",
               "mc_labels", "start_positions", "end_positions")
-OUTPUT_FIELDS = ("logits", "loss", "mc_logits", "mc_loss", "start_logits", "end_logits", "last_hidden_state")
+OUTPUT_FIELDS = ("logits", "loss", "mc_logits", "mc_loss", "start_logits", "end_logits", "last_hidden_state",
+                 "pooler_output")
 MATMUL_PRECISION = "highest"
 
 

@@ -34,6 +34,7 @@ class Output(eqx.Module):
     mc_loss: jax.Array | None = None
     start_logits: jax.Array | None = None
     end_logits: jax.Array | None = None
+    pooler_output: jax.Array | None = None  # [B, D] (MEGA's bare model)
     cache: Any = None
     taps: dict | None = None
 

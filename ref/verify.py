@@ -14,6 +14,9 @@ Stated exceptions, each an HF behaviour rather than ours:
   - HF's Arcee in float64 turns a fully padded query row into NaN (its float32 softmax sees
     the float64 mask value as -inf), and the NaN spreads along that row. Those entries
     are skipped; refjax must be finite there. Nowhere else may HF's golden be non-finite.
+  - HF's MEGA casts both operands of its EMA FFT convolution to float32 (`.float()`) and
+    computes the rotary-bias sinusoids in float32, whatever the model dtype, so its float64
+    outputs are only float32-accurate too: compared at 1e-5 (refjax does the same casts).
 Outputs are compared at every position, padded ones included: refjax reproduces HF's
 masking of fully padded rows (see ref/attention.py).
 """
@@ -38,6 +41,8 @@ TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 # Families whose HF float64 path computes internals in float32 (see above), and why.
 FLOAT64_IS_FLOAT32_ACCURATE = {
     "arcee": "HF Arcee computes RMSNorm, RoPE and softmax in fp32 in fp64 models",
+    "mega": "HF MEGA runs the EMA's FFT convolution (`.float()`) and builds the rotary sinusoids in fp32 "
+            "in fp64 models",
 }
 NAN_IN_FLOAT64_GOLDEN = {"arcee"}
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels",
