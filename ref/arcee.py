@@ -11,7 +11,6 @@ without materialising repeated K/V (ref/attention.py). Query scale 1/sqrt(head_d
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -188,10 +187,8 @@ def forward(params: ArceeParams, config: ArceeConfig, input_ids=None, attention_
 
 
 def unstack_layers(params):
-    """The same params with the layer stack re-laid as a tuple of per-layer trees (one copy):
-    every forward then loops over layers instead of scanning, which spares decoding a copy
-    of each layer's weights per token on CPU (see ref/layers.py). Same outputs."""
-    return eqx.tree_at(lambda p: p.model.layers, params, layers.unstack(params.model.layers))
+    """The same params with the layers as a tuple, for decoding (see ref/layers.py)."""
+    return layers.unstack_at(params, lambda p: p.model.layers)
 
 
 def init_cache(config: ArceeConfig, batch: int, max_length: int, dtype) -> KVCache:

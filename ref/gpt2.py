@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -218,10 +217,8 @@ def forward(params: GPT2Params, config: GPT2Config, input_ids=None, attention_ma
 
 
 def unstack_layers(params):
-    """The same params with the layer stack re-laid as a tuple of per-layer trees (one copy):
-    every forward then loops over layers instead of scanning, which spares decoding a copy
-    of each layer's weights per token on CPU (see ref/layers.py). Same outputs."""
-    return eqx.tree_at(lambda p: p.transformer.h, params, layers.unstack(params.transformer.h))
+    """The same params with the layers as a tuple, for decoding (see ref/layers.py)."""
+    return layers.unstack_at(params, lambda p: p.transformer.h)
 
 
 def init_cache(config: GPT2Config, batch: int, max_length: int, dtype) -> KVCache:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -24,6 +25,11 @@ def unstack(layers: Any) -> tuple:
     """A stacked layer tree ([L, ...] leaves) -> a tuple of L per-layer trees."""
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))
+
+
+def unstack_at(tree: Any, where: Callable[[Any], Any]) -> Any:
+    """`tree` with its layer stack `where(tree)` replaced by `unstack(where(tree))`."""
+    return eqx.tree_at(where, tree, unstack(where(tree)))
 
 
 def run_layers(step: Callable, x: jax.Array, layers: Any, xs: Any = None, remat: bool = False):
