@@ -64,6 +64,12 @@ FAMILY_ROWS = {
                       ("head_dim", 7, "'head_dim'"),
                       ("rope_scaling", {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4},
                        "'rope_scaling.factor'"))),
+    "roformer": FamilyRows(
+        lm="roformer/causal-lm", other="roformer/mlm", tensor="roformer.encoder.layer.1.attention.self.query.weight",
+        size_field="hidden_size", layers_field="num_hidden_layers", heads_field="num_attention_heads",
+        activation_field="hidden_act", position_table=48,
+        extra_config=(("embedding_size", 0, "'embedding_size'"), ("layer_norm_eps", -1.0, "'layer_norm_eps'"),
+                      ("type_vocab_size", "two", "'type_vocab_size'"), ("rotary_value", "yes", "'rotary_value'"))),
 }
 
 
