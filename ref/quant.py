@@ -1,0 +1,389 @@
+"""I-BERT's integer-only kernels (Kim et al., 2021), as HF `models/ibert/quant_modules.py`
+computes them.
+
+HF simulates integer arithmetic with float32 tensors ("fake quantization"): a quantized
+activation is a float `q * s` with q an integer and s a float32 scaling factor. The
+functions here repeat HF's float32 operations in HF's order, so that they produce the
+same integers and the same scaling factors bit for bit. Two torch idioms matter:
+  * `c / t` with a Python number c is `t.reciprocal() * c` in torch (two roundings), and
+    `1.0 / s * x` is `reciprocal(s) * x`, not `x / s`: written out below as `_rdiv`.
+  * Python floats meet float32 tensors as float32 (weak types, like JAX's).
+`FixedPointMul` (requantization to a new scale) computes in float64 with a 31-bit integer
+mantissa (`batch_frexp`): those lines need `jax_enable_x64` (refjax's tests and CLI set it).
+
+`integer=True` variants (`*_int`) compute the same integers with jnp.int32 / int8 / int64
+arithmetic instead of float tensors: the integer-only inference the paper describes.
+
+Shapes: scaling factors are [1] (per tensor) or [C] (per channel); x [..., C].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+
+
+def _pow2(k, dtype):
+    """2^k for integral float k, exactly (torch's `2 ** t` is exact; exp2 need not be)."""
+    return jnp.ldexp(jnp.ones_like(k, dtype=dtype), k.astype(jnp.int32))
+
+
+def _div(a, b):
+    """a / b correctly rounded, as torch divides. XLA:CPU's float32 division is not (it
+    differs from IEEE division in the last bit for ~5-40% of inputs, measured), so float32
+    quotients are taken in float64 and rounded once to float32, which gives the correctly
+    rounded float32 quotient (53 >= 2 * 24 + 2 bits). Python numbers take the other's dtype."""
+    if not hasattr(a, "dtype"):
+        a = jnp.asarray(a, b.dtype)
+    if not hasattr(b, "dtype"):
+        b = jnp.asarray(b, a.dtype)
+    if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+        return (a.astype(jnp.float64) / b.astype(jnp.float64)).astype(jnp.float32)
+    return a / b
+
+
+def fence(x):
+    """x, materialized as float32 before any use: XLA:CPU contracts a * b + c into one
+    fused multiply-add (one rounding instead of torch's two; measured on ~23% of random
+    inputs, and no flag turns it off). A select between the product and the add stops the
+    contraction; its condition is true for every value (NaN maps to NaN)."""
+    return jnp.where(x == x, x, jnp.asarray(jnp.nan, x.dtype))
+
+
+def _rdiv(c, t):
+    """torch's `c / t` for a Python number c: `t.reciprocal() * c` (two roundings)."""
+    return _div(1.0, t) * jnp.asarray(c, t.dtype)
+
+
+def _floor_divide(a, b):
+    """torch.floor_divide for floats (c10 `div_floor_floating`): fmod, exact quotient of
+    a - fmod, floor, corrected by one when the quotient sits above floor + 1/2."""
+    f64 = jnp.float64
+    mod = jnp.fmod(a.astype(f64), b.astype(f64)).astype(a.dtype)  # exact
+    div = _div((a.astype(f64) - mod.astype(f64)).astype(a.dtype), b)
+    div = jnp.where((mod != 0) & ((b < 0) != (mod < 0)), div - 1, div)
+    floordiv = jnp.floor(div)
+    floordiv = jnp.where(div - floordiv > 0.5, floordiv + 1, floordiv)
+    return jnp.where(div != 0, floordiv, jnp.copysign(jnp.zeros_like(div), _div(a, b)))
+
+
+# --------------------------------------------------------------------------------------
+# Scaling factors and symmetric quantization (quant_modules.py helpers)
+# --------------------------------------------------------------------------------------
+
+
+def symmetric_scale(num_bits: int, x_min, x_max):
+    """`symmetric_linear_quantization_params`: max(|x_min|, |x_max|) clamped at 1e-8,
+    divided by 2^(bits-1) - 1. Elementwise, so per-channel and per-tensor alike."""
+    n = 2 ** (num_bits - 1) - 1
+    scale = jnp.maximum(jnp.abs(x_min), jnp.abs(x_max))
+    return _div(jnp.maximum(scale, jnp.asarray(1e-8, scale.dtype)), jnp.asarray(n, scale.dtype))
+
+
+def symmetric_quantize(x, num_bits: int, scale):
+    """`SymmetricQuantFunction`: clamp(round(reciprocal(scale) * x), -n, n - 1), n = 2^(bits-1) - 1
+    (HF's clamp leaves out +n: a weight at the top of the range becomes n - 1).
+    scale broadcasts against x's leading axis for 2-d x (per output channel), else the last."""
+    n = 2 ** (num_bits - 1) - 1
+    if x.ndim == 2:
+        scale = scale.reshape(-1, 1)
+    q = jnp.round(_rdiv(1.0, scale) * x + jnp.asarray(0.0, x.dtype))
+    return jnp.clip(q, -n, n - 1)
+
+
+def weight_scale(w, num_bits: int, per_channel: bool):
+    """Scaling factor of a weight [out, in] (HF layout): per output row or per tensor."""
+    if per_channel:
+        return symmetric_scale(num_bits, w.min(axis=1), w.max(axis=1))
+    return symmetric_scale(num_bits, w.min().reshape(1), w.max().reshape(1))
+
+
+# --------------------------------------------------------------------------------------
+# FixedPointMul: requantize to a new scale with an integer multiplier and a shift
+# --------------------------------------------------------------------------------------
+
+
+def frexp_multiplier(scale_ratio, max_bit: int = 31):
+    """`batch_frexp`: ratio = m * 2^-e with m a (max_bit)-bit integer, rounded half up.
+    ratio float64 -> (m, e) float64 (both integral)."""
+    mant, exp = jnp.frexp(scale_ratio)
+    m = jnp.floor(mant * (2.0 ** max_bit) + 0.5)  # exact: mant * 2^31 has <= 53 significant bits
+    return m, float(max_bit) - exp.astype(scale_ratio.dtype)
+
+
+def fixed_point_mul(pre_act, pre_scale, num_bits: int, z_scale, identity=None, identity_scale=None):
+    """`FixedPointMul.forward`: the integers of pre_act (+ identity) at scale z_scale.
+
+    z = round(pre_act / pre_scale); out = round(z * m / 2^e) with m 2^-e = pre_scale / z_scale
+    in float64; the identity branch likewise; clamp to [-2^(bits-1), 2^(bits-1) - 1]."""
+    n = 2 ** (num_bits - 1) - 1
+    f64 = jnp.float64
+    z_f32 = z_scale.astype(F32).astype(f64)
+
+    def branch(x, s):
+        s = s if s.ndim == 3 else s.reshape(1, 1, -1)
+        z_int = jnp.round(_div(x, s))
+        m, e = frexp_multiplier(s.astype(f64) / z_f32)
+        return jnp.round(z_int.astype(f64) * m / _pow2(e, f64))
+
+    out = branch(pre_act, pre_scale)
+    if identity is not None:
+        out = branch(identity, identity_scale) + out
+    return jnp.clip(out.astype(F32), -n - 1, n).astype(pre_act.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# QuantAct: activation ranges (state) and requantization
+# --------------------------------------------------------------------------------------
+
+
+def update_range(x_min, x_max, x_act, momentum: float = 0.95):
+    """QuantAct's train-mode range update: the first batch sets the range (added to the
+    initial +-1e-5), later batches move it by an exponential moving average."""
+    b_min, b_max = x_act.min(), x_act.max()
+    first = (x_min.min() > -1.1e-5) & (x_max.max() < 1.1e-5)
+    mom = jnp.asarray(momentum, x_min.dtype)
+    rest = jnp.asarray(1 - momentum, x_min.dtype)
+    new_min = jnp.where(first, x_min + b_min, fence(x_min * mom) + fence(b_min * rest))
+    new_max = jnp.where(first, x_max + b_max, fence(x_max * mom) + fence(b_max * rest))
+    return new_min, new_max
+
+
+def quant_act(x, num_bits: int, x_min, x_max, pre_scale=None, identity=None, identity_scale=None):
+    """`QuantAct.forward` in quant mode (eval): -> (q * s, s) with s [1] from the range.
+
+    Without pre_scale, x itself is quantized (HF then drops `identity` from the output,
+    though the range saw identity + x)."""
+    scale = symmetric_scale(num_bits, x_min, x_max)
+    if pre_scale is None:
+        q = symmetric_quantize(x, num_bits, scale)
+    else:
+        q = fixed_point_mul(x, pre_scale, num_bits, scale, identity, identity_scale)
+    return q * scale.reshape(-1), scale
+
+
+# --------------------------------------------------------------------------------------
+# QuantEmbedding and QuantLinear
+# --------------------------------------------------------------------------------------
+
+
+def quant_embedding(table, ids, weight_bit: int = 8):
+    """`QuantEmbedding` in quant mode: per-tensor 8-bit table, rows looked up, -> (q * s, s)."""
+    scale = weight_scale(table, weight_bit, per_channel=False)
+    w_int = symmetric_quantize(table, weight_bit, scale)
+    return jnp.take(w_int, ids, axis=0) * scale, scale
+
+
+def quant_linear_weights(kernel, bias, prev_scale, weight_bit: int = 8, bias_bit: int = 32):
+    """QuantLinear's integers: per-output-channel 8-bit weights, 32-bit bias at scale
+    fc_scale * prev_scale. kernel [in, out] (ours) -> (w_int [out, in], b_int [out],
+    bias_scale [out])."""
+    w = kernel.T  # HF layout [out, in]
+    fc_scale = weight_scale(w, weight_bit, per_channel=True)
+    w_int = symmetric_quantize(w, weight_bit, fc_scale)
+    bias_scale = fc_scale * prev_scale
+    b_int = symmetric_quantize(bias, bias_bit, bias_scale)
+    return w_int, b_int, bias_scale
+
+
+def quant_linear(kernel, bias, x, prev_scale):
+    """`QuantLinear.forward` in quant mode: (x / s_in) @ w_int^T + b_int, times s_w * s_in."""
+    w_int, b_int, bias_scale = quant_linear_weights(kernel, bias, prev_scale)
+    x_int = _div(x, prev_scale.reshape(1, -1))
+    y = jnp.einsum("...i,oi->...o", x_int, w_int) + b_int
+    return y * bias_scale, bias_scale
+
+
+def sequential_dot(a, b, fused: bool = True):
+    """a [..., T, H] . b [..., S, H] -> [..., T, S] in float32, accumulated over H in order
+    with one rounding per step (fused multiply-add), which is what torch's CPU sgemm does
+    for these shapes (measured: every score equal on the golden inputs; XLA's dot sums in
+    another order). The product is exact in float64; acc + product is rounded to float64
+    then float32 (a double rounding that differs from a true FMA with probability ~2^-29).
+
+    Needed for I-BERT's attention scores: IntSoftmax floors scores / scale without
+    rounding them to integers first, so the last bit of every score matters."""
+    f64 = jnp.float64
+    a64 = jnp.moveaxis(a.astype(f64), -1, 0)[..., :, None]  # [H, ..., T, 1]
+    b64 = jnp.moveaxis(b.astype(f64), -1, 0)[..., None, :]  # [H, ..., 1, S]
+
+    def step(acc, ab):
+        if fused:
+            return (acc.astype(f64) + ab[0] * ab[1]).astype(a.dtype), None
+        return (acc.astype(f64) + (ab[0] * ab[1]).astype(a.dtype).astype(f64)).astype(a.dtype), None
+
+    acc0 = jnp.zeros(a.shape[:-1] + (b.shape[-2],), a.dtype)
+    return jax.lax.scan(step, acc0, (a64, b64))[0]
+
+
+# --------------------------------------------------------------------------------------
+# Integer-only nonlinearities: i-GELU, i-exp softmax, integer LayerNorm
+# --------------------------------------------------------------------------------------
+
+GELU_K = 1.4142
+GELU_CONST = 14
+GELU_COEFF = (-0.2888, -1.769, 1.0 / -0.2888)  # a (x + b)^2 + c, c = 1 / a (HF divides)
+
+
+def int_gelu(x, scale):
+    """`IntGELU` (i-GELU, paper Alg. 2): x * (1 + erf(x / sqrt 2)) / 2 with erf from a
+    second-order polynomial on the integers. x = q * scale -> (out, out_scale)."""
+    x_int = _div(x, scale)
+    s = _div(scale, jnp.asarray(GELU_K, scale.dtype))
+    a, b, c = GELU_COEFF
+    b_int = jnp.floor(_rdiv(b, s))
+    c_int = jnp.floor(_rdiv(c, s * s))
+    sign = jnp.sign(x_int)
+    abs_int = jnp.minimum(jnp.abs(x_int), -b_int)
+    y_int = sign * (fence(jnp.square(abs_int + b_int)) + c_int)
+    erf_scale = s * s * jnp.asarray(a, s.dtype)
+    y_int = jnp.floor(_div(y_int, 2.0 ** GELU_CONST))  # avoid overflow
+    erf_scale = erf_scale * 2.0 ** GELU_CONST
+    shift_int = _floor_divide(jnp.ones_like(erf_scale), erf_scale)
+    x_int = x_int * (y_int + shift_int)
+    out_scale = _div(scale * erf_scale, 2.0)
+    return x_int * out_scale, out_scale
+
+
+SOFTMAX_X0 = -0.6931  # -ln 2
+SOFTMAX_CONST = 30
+SOFTMAX_COEF = (0.35815147, 0.96963238 / 0.35815147, 1.0 / 0.35815147)  # a x^2 + b x + c, b, c divided by a
+
+
+def int_exp(x_int, scale):
+    """`IntSoftmax.int_exp` (i-exp, paper Alg. 3): exp(x) = 2^-q exp(r), r in (-ln 2, 0],
+    exp(r) by a second-order polynomial. x_int <= 0 -> (exp_int, exp_scale)."""
+    x0_int = jnp.floor(_rdiv(SOFTMAX_X0, scale))
+    x_int = jnp.maximum(x_int, SOFTMAX_CONST * x0_int)
+    q = jnp.floor(_div(x_int, x0_int))
+    r = x_int - fence(x0_int * q)
+    a, b, c = SOFTMAX_COEF
+    b_int = jnp.floor(_rdiv(b, scale))
+    c_int = jnp.floor(_rdiv(c, scale * scale))
+    z = fence((r + b_int) * r) + c_int
+    poly_scale = jnp.asarray(a, scale.dtype) * (scale * scale)
+    exp_int = jnp.maximum(jnp.floor(z * _pow2(SOFTMAX_CONST - q, z.dtype)), 0.0)
+    return exp_int, _div(poly_scale, 2.0 ** SOFTMAX_CONST)
+
+
+def int_softmax(x, scale, act, output_bit: int = 8, max_bit: int = 32):
+    """`IntSoftmax.forward` in quant mode. x [..., S] (masked scores), scale [1];
+    act(exp_int, exp_scale) -> (exp, exp_scale): its 16-bit QuantAct (`softmax_act` for a
+    fixed range). -> (probs q * 2^-output_bit, scale [1])."""
+    x_int = _div(x, scale)
+    x_int = x_int - x_int.max(axis=-1, keepdims=True)
+    exp_int, exp_scale = int_exp(x_int, scale)
+    # HF passes exp_int (not exp_int * exp_scale) with exp_scale to its QuantAct
+    exp, exp_scale = act(exp_int, exp_scale)
+    exp_int = _div(exp, exp_scale)
+    exp_sum = exp_int.sum(axis=-1, keepdims=True)
+    factor = jnp.floor(_rdiv(2 ** max_bit, exp_sum))
+    exp_int = jnp.floor(_div(exp_int * factor, 2.0 ** (max_bit - output_bit)))
+    out_scale = 1.0 / 2 ** output_bit
+    return exp_int * jnp.asarray(out_scale, x.dtype), jnp.full((1,), out_scale, scale.dtype)
+
+
+def softmax_act(act_min, act_max):
+    """IntSoftmax's 16-bit QuantAct with a fixed range (eval mode)."""
+    return lambda exp_int, exp_scale: quant_act(exp_int, 16, act_min, act_max, pre_scale=exp_scale)
+
+
+def int_layer_norm_var(y_int, shift):
+    """sum((floor(y / 2^shift))^2) over the last axis."""
+    shifted = jnp.floor(_div(y_int, _pow2(shift, y_int.dtype)))
+    return fence(jnp.square(shifted)).sum(axis=-1, keepdims=True)
+
+
+def layer_norm_shift(y_int, shift, max_bit: int = 32):
+    """`IntLayerNorm.set_shift` (the train-mode overflow fallback): the smallest shift with
+    sum(y^2) / 4^shift < 2^max_bit over the batch, never below the current one."""
+    var_int = fence(jnp.square(y_int)).sum(axis=-1, keepdims=True)
+    ratio = jnp.sqrt(_div(var_int, 2.0 ** max_bit))
+    new = jnp.ceil(jnp.log2(ratio.astype(jnp.float64)).astype(ratio.dtype)).max()  # XLA's f32 log2 is inexact
+    return jnp.maximum(shift, new)
+
+
+def int_layer_norm(x, scale, weight, bias, shift, training: bool = False, max_bit: int = 32):
+    """`IntLayerNorm.forward` in quant mode: integer mean and variance, integer sqrt,
+    normalize with a 31-bit fixed-point factor; weight folded into the output scale.
+    x [..., D] = q * scale; shift [1]. -> (out, out_scale [D], shift)."""
+    D = x.shape[-1]
+    dim_sqrt = jnp.sqrt(jnp.asarray(D, F32)).astype(x.dtype)
+    x_int = _div(x, scale)
+    mean_int = jnp.round(_div(x_int.sum(axis=-1, keepdims=True), float(D)))
+    y_int = x_int - mean_int
+    var_int = int_layer_norm_var(y_int, shift)
+    if training:  # HF: overflow detected -> raise the shift (kept in the state) and recompute
+        overflow = var_int.max() >= 2.0 ** max_bit
+        new_shift = jnp.where(overflow, layer_norm_shift(y_int, shift, max_bit), shift)
+        var_int = jnp.where(overflow, int_layer_norm_var(y_int, new_shift), var_int)
+        shift = new_shift
+    std_int = jnp.floor(jnp.sqrt(var_int)) * _pow2(shift, var_int.dtype)
+    factor = jnp.floor(_rdiv(2 ** 31, std_int))
+    y_int = jnp.floor(_div(y_int * factor, 2.0))
+    out_scale = _div(dim_sqrt, 2.0 ** 30)
+    bias_int = jnp.floor(_div(_div(bias, weight), out_scale))
+    y_int = y_int + bias_int
+    out_scale = out_scale * weight
+    return y_int * out_scale, out_scale, shift
+
+
+# --------------------------------------------------------------------------------------
+# Integer-only variants: the same integers computed with int8 / int32 / int64 arithmetic
+# --------------------------------------------------------------------------------------
+
+
+def quant_linear_int(kernel, bias, x_int32, prev_scale):
+    """QuantLinear on integers: x_int32 [..., in] int32 (8-bit values), int8 weights,
+    int32 accumulation plus the int32 bias -> (acc int32 [..., out], bias_scale)."""
+    w_int, b_int, bias_scale = quant_linear_weights(kernel, bias, prev_scale)
+    w8 = w_int.astype(jnp.int8)
+    acc = jnp.einsum("...i,oi->...o", x_int32.astype(jnp.int8), w8, preferred_element_type=jnp.int32)
+    return acc + b_int.astype(jnp.int32), bias_scale
+
+
+def requantize_int(z_int, pre_scale, num_bits: int, z_scale, identity_int=None, identity_scale=None):
+    """FixedPointMul on integers: (z * m) >> e with round-half-to-even, in int64, as the
+    dyadic multiplier m 2^-e = pre_scale / z_scale (a hardware integer requantizer)."""
+    n = 2 ** (num_bits - 1) - 1
+    z_f32 = z_scale.astype(F32).astype(jnp.float64)
+
+    def branch(z, s):
+        s = s.reshape(-1)
+        m, e = frexp_multiplier(s.astype(jnp.float64) / z_f32)
+        return rounding_shift(z.astype(jnp.int64) * m.astype(jnp.int64), e.astype(jnp.int64))
+
+    out = branch(z_int, pre_scale)
+    if identity_int is not None:
+        out = out + branch(identity_int, identity_scale)
+    return jnp.clip(out, -n - 1, n).astype(jnp.int32)
+
+
+def rounding_shift(v, e):
+    """round(v / 2^e), ties to even (torch.round), for int64 v and e >= 0 (e < 0 shifts left)."""
+    e = jnp.broadcast_to(e, v.shape)
+    left = v << jnp.maximum(-e, 0)
+    e = jnp.maximum(e, 0)
+    floor = v >> e
+    rem = v - (floor << e)
+    half = jnp.where(e > 0, jnp.int64(1) << jnp.maximum(e - 1, 0), 0)
+    up = (rem > half) | ((rem == half) & (e > 0) & ((floor & 1) == 1))
+    return jnp.where(e > 0, floor + up.astype(jnp.int64), left)
+
+
+def int_sqrt(n):
+    """floor(sqrt(n)) of non-negative int64 by Newton's iteration (paper Alg. 4)."""
+    n = n.astype(jnp.int64)
+    x = jnp.where(n > 0, jnp.int64(1) << ((64 - jax.lax.clz(jnp.maximum(n, 1))) // 2 + 1), 0)
+
+    def body(_, x):
+        y = jnp.where(x > 0, (x + n // jnp.maximum(x, 1)) // 2, 0)
+        return jnp.minimum(x, y)
+
+    return jax.lax.fori_loop(0, 40, body, x)
+
+
+__all__ = [name for name in dir() if not name.startswith("_") and name not in ("jax", "jnp", "np", "annotations")]
