@@ -15,6 +15,7 @@ from typing import Any
 
 from params import config as config_lib
 from params import arcee, gpt2
+from params import ibert
 from params import io
 from params import mega
 from params import roformer
@@ -29,6 +30,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(config_lib.parse_gpt2_config, gpt2),
     "arcee": Family(config_lib.parse_arcee_config, arcee),
+    "ibert": Family(ibert.parse_ibert_config, ibert),
     "mega": Family(mega.parse_mega_config, mega),
     "roformer": Family(roformer.parse_roformer_config, roformer),
 }

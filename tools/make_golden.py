@@ -983,7 +983,7 @@ def register_arcee() -> None:
 
 
 # Families whose builders live in their own module next to this script (tools/golden_<family>.py).
-FAMILY_MODULES: tuple[str, ...] = ("golden_roformer", "golden_mega")
+FAMILY_MODULES: tuple[str, ...] = ("golden_roformer", "golden_mega", "golden_ibert")
 
 
 def register_family_modules() -> None:
