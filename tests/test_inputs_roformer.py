@@ -151,3 +151,45 @@ def test_refjax_forward_text_through_the_jieba_tokenizer(capsys, tmp_path):
     golden, _ = read_safetensors(os.path.join(GOLDEN, "roformer", "mlm-tokenizer", "golden.safetensors"))
     # TOKENIZER_TEXTS[0] is this text: HF's ids [CLS] 今 天 天 气 非常 好 。 [SEP]
     assert out["logits"].shape[1] == len(golden["text.ids.0"]) == 9
+
+
+@pytest.mark.parametrize("case", ["roformer/mc", "roformer/model-project-rotary-value"])
+def test_forward_taps_have_documented_names_and_repeat_the_outputs(capsys, tmp_path, case):
+    """`refjax forward --taps`: every RoFormer tap of docs/taps.md (names in order, shapes),
+    and the taps that HF also returns equal those outputs."""
+    import re
+
+    from conftest import ROOT
+
+    golden, _ = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
+    write_safetensors(tmp_path / "in.safetensors", {k: golden[k] for k in ("input_ids", "attention_mask",
+                                                                         "token_type_ids") if k in golden})
+    code, _, err = run(capsys, "forward", os.path.join(GOLDEN, case), "--inputs", str(tmp_path / "in.safetensors"),
+                       "--out", str(tmp_path / "o.safetensors"), "--taps")
+    assert code == 0, err
+    t, meta = read_safetensors(tmp_path / "o.safetensors")
+    config = load_checkpoint(os.path.join(GOLDEN, case)).config
+    ids = golden["input_ids"]
+    d = dict(B=int(np.prod(ids.shape[:-1])), T=ids.shape[-1], S=ids.shape[-1], D=config.hidden_size,
+             E=config.embedding_size, F=config.intermediate_size, N=config.num_attention_heads, H=config.head_dim)
+    text = open(os.path.join(ROOT, "docs", "taps.md"), encoding="utf-8").read()
+    section = text[text.index("\n## RoFormer"):]
+    rows = re.findall(r"^\| `([^`]+)` \| `(\[[^`]*\])` \|", section, flags=re.M)
+    assert [n for n, _ in rows] == list(roformer.TAPS)
+    L = config.num_hidden_layers
+    for name, shape in rows:
+        for i in range(L) if "{i}" in name else [None]:
+            full = name.replace("{i}", str(i))
+            assert list(t[full].shape) == list(eval(shape, {}, d)), full  # noqa: S307 - our doc table
+    order = json.loads(meta["order"])
+    assert [n for n in order if not n.startswith(("hidden_states", "attentions")) and n not in cli.OUTPUT_FIELDS] == [
+        n for n, _ in rows if "{i}" not in n] + [n.replace("{i}", str(i)) for i in range(L) for n, _ in rows
+                                                  if "{i}" in n]
+    np.testing.assert_array_equal(t["embeddings_project"], t["hidden_states.0"])
+    for i in range(L):
+        np.testing.assert_array_equal(t[f"encoder.layer.{i}"], t[f"hidden_states.{i + 1}"])
+        np.testing.assert_array_equal(t[f"encoder.layer.{i}.attention.self.probs"], t[f"attentions.{i}"])
+    np.testing.assert_array_equal(t[f"encoder.layer.{L - 1}"], t["last_hidden_state"])
+    if not config.rotary_value:
+        np.testing.assert_array_equal(t["encoder.layer.0.attention.self.v_rot"].reshape(d["B"], d["T"], -1),
+                                      t["encoder.layer.0.attention.self.value"])

@@ -18,11 +18,11 @@ import pytest
 from conftest import GOLDEN, ROOT
 from params.checkpoint import load_checkpoint
 from params.io import read_safetensors, write_safetensors
-from ref import arcee, cli, gpt2
+from ref import arcee, cli, gpt2, roformer
 
 DOC = os.path.join(ROOT, "docs", "taps.md")
-FAMILY_MODULES = {"gpt2": gpt2, "arcee": arcee}
-SECTIONS = {"gpt2": "## GPT-2", "arcee": "## Arcee"}
+FAMILY_MODULES = {"gpt2": gpt2, "arcee": arcee, "roformer": roformer}
+SECTIONS = {"gpt2": "## GPT-2", "arcee": "## Arcee", "roformer": "## RoFormer"}
 
 
 def documented(family: str) -> list[tuple[str, str]]:
