@@ -32,6 +32,10 @@ TENSOR_PARALLEL_RULES: list[tuple[str, str]] = [
     (r"model\.layers\.mlp\.up_proj\.(kernel|bias)", "out"),
     (r"model\.layers\.self_attn\.o_proj\.kernel", "in"),
     (r"model\.layers\.mlp\.down_proj\.kernel", "in"),
+    (r"roformer\.encoder\.layer\.attention\.self_attention\.(query|key|value)\.(kernel|bias)", "out"),
+    (r"roformer\.encoder\.layer\.intermediate\.dense\.(kernel|bias)", "out"),
+    (r"roformer\.encoder\.layer\.attention\.output\.dense\.kernel", "in"),
+    (r"roformer\.encoder\.layer\.output\.dense\.kernel", "in"),
 ]
 
 
