@@ -95,18 +95,19 @@ def ema_kernel(p: MegaEma, length: int) -> jax.Array:
     return jnp.einsum("dnl,dn->dl", kernel, p.kernel_projection_matrix * math.sqrt(1.0 / n))
 
 
-def fft_convolution(inputs: jax.Array, kernel: jax.Array, length: int) -> jax.Array:
+def fft_convolution(inputs: jax.Array, kernel: jax.Array, length: int, fft_dtype=jnp.float32) -> jax.Array:
     """HF `fft_convolution`: irfft(rfft(u, 2n) * rfft(k, 2n), 2n) over the last axis.
 
     HF casts both operands to float32 (`.float()`) whatever the model dtype, so a float64
-    model's EMA is float32-accurate; refjax does the same (see ref/verify.py)."""
+    model's EMA is float32-accurate; refjax does the same (see ref/verify.py). `fft_dtype`
+    exists for the tests (float64 shows the convolution equals the recurrence to 1e-12)."""
     n = 2 * length
-    u = jnp.fft.rfft(inputs.astype(jnp.float32), n=n)
-    k = jnp.fft.rfft(kernel.astype(jnp.float32), n=n)
+    u = jnp.fft.rfft(inputs.astype(fft_dtype), n=n)
+    k = jnp.fft.rfft(kernel.astype(fft_dtype), n=n)
     return jnp.fft.irfft(u * k, n=n)
 
 
-def ema_full(p: MegaEma, config: MegaConfig, u: jax.Array) -> jax.Array:
+def ema_full(p: MegaEma, config: MegaConfig, u: jax.Array, fft_dtype=jnp.float32) -> jax.Array:
     """EMA over a whole sequence (HF forward without cache). u [B, D, T] already masked.
     Returns [B, D, T]. Bidirectional: rows [:D] run forward in time, rows [D:] backward;
     both halves of the kernel are laid out around one centre and convolved at once."""
@@ -114,13 +115,13 @@ def ema_full(p: MegaEma, config: MegaConfig, u: jax.Array) -> jax.Array:
     size = T if config.truncation is None else min(config.truncation, T)
     kernel = ema_kernel(p, size)  # [K, size]
     if not config.bidirectional:
-        out = fft_convolution(u, kernel, T)[..., :T]
+        out = fft_convolution(u, kernel, T, fft_dtype)[..., :T]
     else:
         k1, k2 = kernel[:D], kernel[D:]
         kernel = jnp.pad(k1, ((0, 0), (size - 1, 0))) + jnp.pad(k2[:, ::-1], ((0, 0), (0, size - 1)))  # [D, 2s-1]
         u = jnp.pad(u, ((0, 0), (0, 0), (size - 1, 0)))
         start = 2 * size - 2
-        out = fft_convolution(u, kernel, T + size - 1)[..., start:start + T]
+        out = fft_convolution(u, kernel, T + size - 1, fft_dtype)[..., start:start + T]
     return out.astype(u.dtype)
 
 

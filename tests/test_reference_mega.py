@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from golden_mega import reinit_mega  # noqa: E402
 
 pytestmark = pytest.mark.reference
-SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def build_hf(raw: dict, seed: int):
@@ -130,7 +130,7 @@ def hf_incremental_logits(model, ids: np.ndarray, mask: np.ndarray, prompt_len: 
     return np.stack(out_logits, 1)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.integers(0, 2**31 - 1))
 def test_cached_decoding_matches_hf_incremental_path(data, seed):
     raw = data.draw(raw_configs(architecture="MegaForCausalLM", decoder=True))
