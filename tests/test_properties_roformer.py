@@ -34,7 +34,7 @@ def build(raw, seed, dtype=jnp.float64):
     return config, random_params(config, jax.random.PRNGKey(seed % 2**31), dtype)
 
 
-@hsettings(8)
+@hsettings(5)
 @given(half=st.integers(1, 8), positions=st.lists(st.integers(0, 47), min_size=1, max_size=6), seed=SEEDS)
 def test_pairwise_rotation_is_rotate_half_after_deinterleaving(half, positions, seed):
     """RoFormer rotates (x_2i, x_2i+1); Llama (ref/rotary.py) rotates (x_i, x_i+d/2) with
@@ -115,7 +115,7 @@ def test_decoder_causality(raw, seed):
     assert_close(out2[:, :4], out[:, :4], FP64_TOL, "past must not see the future")
 
 
-@hsettings(3)
+@hsettings(2)
 @given(raw=raw_configs("RoFormerForCausalLM", is_decoder=True), seed=SEEDS, split=st.integers(1, 6))
 def test_cached_decoding_equals_full_forward(raw, seed, split):
     config, params = build(raw, seed)
