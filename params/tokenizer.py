@@ -96,6 +96,28 @@ def decode(tokenizer: Tokenizer, ids: list[int], *, skip_special_tokens: bool = 
 
 def _build_gpt2(directory: Path, tokenizer_config: dict[str, Any]) -> Tokenizer:
     """Byte-level BPE from vocab.json + merges.txt, mirroring HF's GPT2Converter."""
+    tokenizer, vocab, vocab_path = _byte_level_bpe(directory)
+    # GPT-2 has no normalizer. Note tokenizers' ByteLevel defaults to add_prefix_space=True;
+    # HF's GPT-2 default is False.
+    add_prefix_space = bool(tokenizer_config.get("add_prefix_space", False))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    if tokenizer_config.get("add_bos_token", False):
+        bos = _token_content(tokenizer_config.get("bos_token", "<|endoftext|>"))
+        if bos not in vocab:
+            raise ValueError(f"bos_token {bos!r} (add_bos_token) is not in {vocab_path}")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1", special_tokens=[(bos, vocab[bos])]
+        )
+    else:
+        # A no-op for ids (trim_offsets=False); HF sets it, so we do too.
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
+
+
+def _byte_level_bpe(directory: Path) -> tuple[Tokenizer, dict[str, int], Path]:
+    """The BPE model of vocab.json + merges.txt (GPT-2's and RoBERTa's slow files), with
+    HF's converter settings; the caller adds pre-tokenizer, decoder and post-processor."""
     vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
     missing = [p.name for p in (vocab_path, merges_path) if not p.is_file()]
     if missing:
@@ -112,23 +134,36 @@ def _build_gpt2(directory: Path, tokenizer_config: dict[str, Any]) -> Tokenizer:
         )
     except Exception as e:  # tokenizers raises a bare Exception, e.g. a merge of unknown tokens
         raise ValueError(f"{merges_path} does not fit {vocab_path}: {e}") from e
+    return Tokenizer(bpe), vocab, vocab_path
 
-    tokenizer = Tokenizer(bpe)
-    # GPT-2 has no normalizer. Note tokenizers' ByteLevel defaults to add_prefix_space=True;
-    # HF's GPT-2 default is False.
+
+# --------------------------------------------------------------------------- MEGA (RoBERTa BPE)
+
+
+def _build_mega(directory: Path, tokenizer_config: dict[str, Any]) -> Tokenizer:
+    """MEGA's tokenizer (mnaylor/mega-base-wikitext) is RoBERTa's byte-level BPE, built as
+    HF's RobertaConverter + RobertaTokenizerFast do: GPT-2's BPE and ByteLevel pre-tokenizer
+    (add_prefix_space default false), `<s> $A </s>` (`<s> $A </s> </s> $B </s>` for pairs)
+    via RobertaProcessing, and the special tokens <s> <pad> </s> <unk> plus <mask>, which
+    strips the space to its left (RoBERTa's lstrip=True)."""
+    tokenizer, vocab, vocab_path = _byte_level_bpe(directory)
     add_prefix_space = bool(tokenizer_config.get("add_prefix_space", False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    if tokenizer_config.get("add_bos_token", False):
-        bos = _token_content(tokenizer_config.get("bos_token", "<|endoftext|>"))
-        if bos not in vocab:
-            raise ValueError(f"bos_token {bos!r} (add_bos_token) is not in {vocab_path}")
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1", special_tokens=[(bos, vocab[bos])]
-        )
-    else:
-        # A no-op for ids (trim_offsets=False); HF sets it, so we do too.
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    names = {key: _token_content(tokenizer_config.get(key) or default) for key, default in (
+        ("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"), ("sep_token", "</s>"),
+        ("cls_token", "<s>"), ("pad_token", "<pad>"), ("mask_token", "<mask>"))}
+    for key in ("cls_token", "sep_token"):
+        if names[key] not in vocab:
+            raise ValueError(f"{key} {names[key]!r} is not in {vocab_path}")
+    cls, sep = names["cls_token"], names["sep_token"]
+    tokenizer.post_processor = processors.RobertaProcessing(
+        sep=(sep, vocab[sep]), cls=(cls, vocab[cls]), add_prefix_space=add_prefix_space,
+        trim_offsets=bool(tokenizer_config.get("trim_offsets", True)))
+    specials = [AddedToken(names[k], special=True, normalized=True)
+                for k in ("bos_token", "pad_token", "eos_token", "unk_token")]
+    specials.append(AddedToken(names["mask_token"], lstrip=True, rstrip=False, normalized=False, special=True))
+    tokenizer.add_special_tokens(specials)
     return tokenizer
 
 
@@ -249,6 +284,7 @@ CODE_PRE_TOKENIZERS: dict[str, Callable[[dict[str, int]], Any]] = {
 BUILDERS: dict[str, Callable[[Path, dict[str, Any]], Tokenizer]] = {
     "gpt2": _build_gpt2,
     "roformer": _build_roformer,
+    "mega": _build_mega,
 }
 
 

@@ -27,6 +27,10 @@ BASE_CONFIG = dict(
 LOW_ID = 3  # real input ids avoid bos/pad/eos
 BATCH, SEQ = 2, 8
 DECODER = dict(is_decoder=True, bidirectional=False)
+# RoBERTa-style vocabulary over make_golden's tiny trained byte-level BPE: <s> <pad> </s> <unk>
+# first, the BPE tokens shifted by 4 (its <|endoftext|> dropped), <mask> last.
+ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+TOKENIZER_VOCAB = 324
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,7 @@ class Variant:
     token_types: bool = False
     generate: bool = False
     seq: int = SEQ
+    tokenizer: bool = False
 
 
 M, LM, MLM = "MegaModel", "MegaForCausalLM", "MegaForMaskedLM"
@@ -94,6 +99,8 @@ VARIANTS: dict[str, Variant] = {
     "causal-lm-chunking": Variant(LM, "chunked decoder: chunk_size=4, 8 tokens, laplace",
                                   {**DECODER, "use_chunking": True, "chunk_size": 4,
                                    "attention_activation": "laplace"}, labels="lm", padding="right"),
+    "masked-lm-tokenizer": Variant(MLM, "MegaForMaskedLM with RoBERTa byte-level BPE files (vocab.json + merges.txt)",
+                                   dict(vocab_size=TOKENIZER_VOCAB), labels="lm", tokenizer=True),
     "seqcls-single": Variant("MegaForSequenceClassification", "single-label classification",
                              dict(num_labels=3), labels="single"),
     "seqcls-regression": Variant("MegaForSequenceClassification", "regression (num_labels=1)",
@@ -104,6 +111,51 @@ VARIANTS: dict[str, Variant] = {
     "qa": Variant("MegaForQuestionAnswering", "span start/end", labels="span"),
     "multiple-choice": Variant("MegaForMultipleChoice", "3 choices, pooler + classifier", labels="choice"),
 }
+
+
+def save_roberta_tokenizer(lib, case_dir: Path) -> None:
+    """vocab.json + merges.txt (+ the configs RobertaTokenizer.save_pretrained writes), no tokenizer.json."""
+    import tempfile
+
+    from transformers import RobertaTokenizer
+
+    tok = lib.train_bpe_tokenizer()
+    vocab = {t: i for i, t in enumerate(ROBERTA_SPECIALS)}
+    for token, index in sorted(tok.get_vocab(with_added_tokens=False).items(), key=lambda kv: kv[1]):
+        vocab[token] = index + len(ROBERTA_SPECIALS)
+    vocab["<mask>"] = len(vocab)
+    if len(vocab) != TOKENIZER_VOCAB:
+        raise RuntimeError(f"RoBERTa vocabulary has {len(vocab)} ids, expected {TOKENIZER_VOCAB}")
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        lines = ["#version: 0.2"] + [" ".join(m) if isinstance(m, list) else m for m in merges]
+        (Path(tmp) / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        RobertaTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt")).save_pretrained(case_dir)
+    (case_dir / "tokenizer.json").unlink(missing_ok=True)
+
+
+def tokenizer_texts(lib) -> list[str]:
+    texts = [t.replace(lib.ENDOFTEXT, "<mask>") for t in lib.TOKENIZER_TEXTS]
+    return texts + ["two specials: </s> and <pad>, a <mask>, <unk>", "no space before<mask>here"]
+
+
+def roberta_tokenizer_goldens(lib, case_dir: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Ids of HF's RobertaTokenizerFast (converted from the slow files), cross-checked with
+    the slow RobertaTokenizer."""
+    from transformers import AutoTokenizer, RobertaTokenizerFast
+
+    fast = AutoTokenizer.from_pretrained(case_dir)
+    slow = AutoTokenizer.from_pretrained(case_dir, use_fast=False)
+    if not isinstance(fast, RobertaTokenizerFast):
+        raise RuntimeError(f"AutoTokenizer gave {type(fast).__name__}, expected RobertaTokenizerFast")
+    out, texts = {}, tokenizer_texts(lib)
+    for i, text in enumerate(texts):
+        ids = fast(text)["input_ids"]
+        if slow(text)["input_ids"] != ids:
+            raise RuntimeError(f"slow and fast RoBERTa tokenizers disagree on {text!r}")
+        out[f"text.ids.{i}"] = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return out, texts
 
 
 def reinit_mega(model, seed: int) -> None:
@@ -252,8 +304,14 @@ def build(lib, name: str, v: Variant, case_dir: Path):
     model.save_pretrained(case_dir, safe_serialization=True)  # before any forward: seq-cls mutates problem_type
     lib.check_reload(model, case_dir)
 
+    meta_extra: dict[str, str] = {}
     inputs = make_inputs(v, rng, cfg)
     record: dict[str, np.ndarray] = dict(inputs)
+    if v.tokenizer:
+        save_roberta_tokenizer(lib, case_dir)
+        ids, texts = roberta_tokenizer_goldens(lib, case_dir)
+        record.update(ids)
+        meta_extra["texts"] = json.dumps(texts, ensure_ascii=False)
     notes = ["HF computes the EMA's FFT convolution (`.float()`) and the rotary sinusoids in float32 even in "
              "a float64 model, so float64 outputs are float32-accurate"]
     for dtype_name in lib.DTYPES:
@@ -270,7 +328,7 @@ def build(lib, name: str, v: Variant, case_dir: Path):
     metadata = {
         "case": name, "family": FAMILY, "architecture": v.architecture,
         "transformers": transformers.__version__, "torch": torch.__version__,
-        "description": v.description, "notes": "; ".join(notes),
+        "description": v.description, "notes": "; ".join(notes), **meta_extra,
     }
     lib.atomic_write_bytes(case_dir / "golden.safetensors", lib.safetensors_bytes(record, metadata))
     return lib.CaseInfo(FAMILY, v.architecture, v.description)
