@@ -149,3 +149,20 @@ def test_generate_refuses_encoders_and_bidirectional_models():
     config = dataclasses.replace(cfg(), architecture="MegaForCausalLM")
     with pytest.raises(ValueError, match="decoder|is_decoder"):
         FAMILIES["mega"].generate(random_params(config, 0), config, IDS, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(use_normalized_ffn=False, use_chunking=True, chunk_size=2)])
+def test_taps_repeat_the_outputs_they_name(overrides):
+    from ref import diff
+
+    config = cfg(**overrides)
+    params = random_params(config, 2)
+    out = mega.forward(params, config, IDS, np.array([[1, 1, 1, 1], [0, 1, 1, 1]]), output_hidden_states=True,
+                       output_attentions=True, taps=True)
+    taps = diff.expand_taps(out.taps, mega.TAPS, config.num_hidden_layers)
+    np.testing.assert_array_equal(taps["embedding_layer"], out.hidden_states[0])
+    for i in range(config.num_hidden_layers):
+        np.testing.assert_array_equal(taps[f"layers.{i}"], out.hidden_states[i + 1])
+        np.testing.assert_array_equal(taps[f"layers.{i}.mega_layer.attn_weights"], out.attentions[i])
+        if not config.use_normalized_ffn:
+            np.testing.assert_array_equal(taps[f"layers.{i}.nffn"], taps[f"layers.{i}.mega_layer"])

@@ -18,11 +18,11 @@ import pytest
 from conftest import GOLDEN, ROOT
 from params.checkpoint import load_checkpoint
 from params.io import read_safetensors, write_safetensors
-from ref import arcee, cli, gpt2, roformer
+from ref import arcee, cli, gpt2, mega, roformer
 
 DOC = os.path.join(ROOT, "docs", "taps.md")
-FAMILY_MODULES = {"gpt2": gpt2, "arcee": arcee, "roformer": roformer}
-SECTIONS = {"gpt2": "## GPT-2", "arcee": "## Arcee", "roformer": "## RoFormer"}
+FAMILY_MODULES = {"gpt2": gpt2, "arcee": arcee, "roformer": roformer, "mega": mega}
+SECTIONS = {"gpt2": "## GPT-2", "arcee": "## Arcee", "roformer": "## RoFormer", "mega": "## MEGA"}
 
 
 def documented(family: str) -> list[tuple[str, str]]:
