@@ -193,3 +193,29 @@ def test_rotary_value_changes_outputs_and_grads_are_finite(raw, seed):
     labels = np.where(mask == 1, ids, -100)
     grads = jax.grad(lambda p: roformer.forward(p, config, ids, mask, types, labels=labels).loss)(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_fast_attention_path_equals_readable_path_on_real_tokens():
+    """`fast=True` (jax.nn.dot_product_attention) for the encoder and decoder masks (with a
+    cache too), in float32 within 1e-5 as tests/test_fast_path.py (JAX's fused attention mixes
+    fp32 into fp64); compared at real tokens (a fully padded query row is implementation-defined)."""
+    for is_decoder, pad in ((False, "right"), (True, "left")):
+        raw = dict(model_type="roformer", architectures=["RoFormerForCausalLM" if is_decoder else "RoFormerModel"],
+                   vocab_size=30, hidden_size=16, embedding_size=16, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=20, max_position_embeddings=24, rotary_value=True, is_decoder=is_decoder)
+        config, params = build(raw, 3, jnp.float32)
+        ids, mask, types = random_inputs(config, np.random.default_rng(3), 3, 7, pad=pad)
+        real = mask.astype(bool)
+        with jax.default_matmul_precision("highest"):
+            slow = roformer.forward(params, config, ids, mask, types)
+            fast = roformer.forward(params, config, ids, mask, types, fast=True)
+        assert_close(np.asarray(fast.last_hidden_state)[real], np.asarray(slow.last_hidden_state)[real], 1e-5,
+                     "fast path")
+        if is_decoder:  # with a cache: prefill 4 tokens, then the rest
+            cache = roformer.init_cache(config, 3, 7, jnp.float32)
+            with jax.default_matmul_precision("highest"):
+                first = roformer.forward(params, config, ids[:, :4], mask[:, :4], types[:, :4], cache=cache, fast=True)
+                rest = roformer.forward(params, config, ids[:, 4:], mask[:, 4:], types[:, 4:], cache=first.cache,
+                                        fast=True)
+            cached = np.concatenate([np.asarray(first.last_hidden_state), np.asarray(rest.last_hidden_state)], 1)
+            assert_close(cached[real], np.asarray(slow.last_hidden_state)[real], 1e-5, "fast path with a cache")

@@ -81,6 +81,24 @@ def make_inputs(raw, rng, arch):
                                                                   HealthCheck.function_scoped_fixture])
 @given(raw=raw_configs(), seed=SEEDS, dtype=st.sampled_from(["float32", "float64"]))
 def test_every_head_matches_hf(tmp_path_factory, raw, seed, dtype):
+    compare_with_hf(raw, seed, dtype, tmp_path_factory.mktemp("rf"))
+
+
+@pytest.mark.parametrize("arch", [
+    "RoFormerModel", "RoFormerForMaskedLM", "RoFormerForCausalLM", "RoFormerForSequenceClassification",
+    "RoFormerForMultipleChoice", "RoFormerForTokenClassification", "RoFormerForQuestionAnswering"])
+def test_every_head_with_rotary_value_and_embeddings_project(tmp_path, arch):
+    """Not left to the draw: rotary_value=True, embedding_size 12 != hidden_size 16, untied,
+    and the decoder mask for the LM heads, in float64."""
+    raw = dict(model_type="roformer", architectures=[arch], vocab_size=30, hidden_size=16, embedding_size=12,
+               num_hidden_layers=2, num_attention_heads=2, intermediate_size=20, hidden_act="gelu",
+               max_position_embeddings=24, type_vocab_size=2, layer_norm_eps=1e-12, rotary_value=True,
+               is_decoder=arch in ("RoFormerForCausalLM", "RoFormerForMaskedLM"), tie_word_embeddings=False,
+               pad_token_id=0, num_labels=3)
+    compare_with_hf(raw, 7, "float64", tmp_path)
+
+
+def compare_with_hf(raw, seed, dtype, tmp_path):
     arch = raw["architectures"][0]
     rng = np.random.default_rng(seed)
     x = make_inputs(raw, rng, arch)
@@ -92,7 +110,7 @@ def test_every_head_matches_hf(tmp_path_factory, raw, seed, dtype):
             kwargs["use_cache"] = False  # only these two forwards take it
         with torch.no_grad():
             hf = model(**kwargs, output_hidden_states=True, output_attentions=True)
-        ckpt = refjax_checkpoint(model, tmp_path_factory.mktemp("rf"), dtype)
+        ckpt = refjax_checkpoint(model, tmp_path, dtype)
     x = {k: (v.astype(dtype) if v.dtype.kind == "f" else v) for k, v in x.items()}
     with jax.default_matmul_precision("highest"):
         out = FWD(ckpt.params, ckpt.config, **x, output_hidden_states=True, output_attentions=True)
