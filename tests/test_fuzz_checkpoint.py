@@ -24,6 +24,7 @@ import struct
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -35,7 +36,7 @@ from params.io import read_safetensors
 from ref.families import FAMILIES
 
 # One small golden case per family (an LM head where the family has one).
-FUZZ_CASES = {"gpt2": "gpt2/lm", "arcee": "arcee/causal-lm", "roformer": "roformer/causal-lm"}
+FUZZ_CASES = {"gpt2": "gpt2/lm", "arcee": "arcee/causal-lm", "roformer": "roformer/causal-lm", "mega": "mega/causal-lm"}
 DOCUMENTED = (ValueError, KeyError, FileNotFoundError)
 EXAMPLE_SECONDS = 120
 
@@ -159,7 +160,6 @@ def assert_finite(out) -> None:
 @given(mutations=st.lists(mutation, min_size=1, max_size=3))
 def test_mutated_checkpoint_loads_finite_or_raises_documented_error(family, mutations):
     case = FUZZ_CASES[family]
-    poisoned = any(m[0] == "poison" for m in mutations)
     with tempfile.TemporaryDirectory(prefix="refjax-fuzz-") as tmp:
         folder = os.path.join(tmp, "ckpt")
         shutil.copytree(os.path.join(GOLDEN, case), folder)
@@ -171,7 +171,8 @@ def test_mutated_checkpoint_loads_finite_or_raises_documented_error(family, muta
             except DOCUMENTED as e:
                 event(f"load refused: {type(e).__name__}")
                 return
-            assert not poisoned or _poison_was_undone(folder), "a NaN/inf weight was loaded"
+            assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree_util.tree_leaves(ck.params)
+                       if jnp.issubdtype(leaf.dtype, jnp.floating)), "a NaN/inf weight was loaded"
             try:
                 out = FAMILIES[ck.family].forward(ck.params, ck.config, **golden_inputs(case))
             except ValueError:
@@ -181,9 +182,3 @@ def test_mutated_checkpoint_loads_finite_or_raises_documented_error(family, muta
             assert_finite(out)
             event("loaded, forward finite")
 
-
-def _poison_was_undone(folder: str) -> bool:
-    """A later mutation may have rewritten the poisoned bytes (a header byte, a truncation that
-    still loads is impossible): loading is only wrong if a non-finite weight is really there."""
-    tensors, _ = read_safetensors(os.path.join(folder, "model.safetensors"))
-    return all(np.all(np.isfinite(np.asarray(v))) for v in tensors.values() if np.asarray(v).dtype.kind == "f")
