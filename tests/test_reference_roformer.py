@@ -77,7 +77,7 @@ def make_inputs(raw, rng, arch):
     return x
 
 
-@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(raw=raw_configs(), seed=SEEDS, dtype=st.sampled_from(["float32", "float64"]))
 def test_every_head_matches_hf(tmp_path_factory, raw, seed, dtype):
