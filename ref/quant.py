@@ -193,16 +193,19 @@ def quant_linear(kernel, bias, x, prev_scale):
     """`QuantLinear.forward` in quant mode: (x / s_in) @ w_int^T + b_int, times s_w * s_in."""
     w_int, b_int, bias_scale = quant_linear_weights(kernel, bias, prev_scale)
     x_int = _div(x, prev_scale.reshape(1, -1))
-    y = jnp.einsum("...i,oi->...o", x_int, w_int) + b_int
+    # torch's F.linear: fused multiply-adds over `in` in order, then + bias (measured); x_int
+    # is not always an integer (HF passes layers > 0 the embedding's scale), so order matters
+    y = sequential_dot(x_int, w_int) + b_int
     return y * bias_scale, bias_scale
 
 
 def sequential_dot(a, b, fused: bool = True):
     """a [..., T, H] . b [..., S, H] -> [..., T, S] in float32, accumulated over H in order
     with one rounding per step (fused multiply-add), which is what torch's CPU sgemm does
-    for these shapes (measured: every score equal on the golden inputs; XLA's dot sums in
-    another order). The product is exact in float64; acc + product is rounded to float64
-    then float32 (a double rounding that differs from a true FMA with probability ~2^-29).
+    for q k^T and F.linear at these sizes (measured; XLA's dot sums in another order).
+    The product is exact in float64; acc + product is rounded to float64 then float32 (a
+    double rounding that differs from a true FMA with probability ~2^-29).
+    `fused=False`: product rounded to float32 first (torch's probs @ v, measured)."""
 
     Needed for I-BERT's attention scores: IntSoftmax floors scores / scale without
     rounding them to integers first, so the last bit of every score matters."""
@@ -211,9 +214,10 @@ def sequential_dot(a, b, fused: bool = True):
     b64 = jnp.moveaxis(b.astype(f64), -1, 0)[..., None, :]  # [H, ..., 1, S]
 
     def step(acc, ab):
-        if fused:
-            return (acc.astype(f64) + ab[0] * ab[1]).astype(a.dtype), None
-        return (acc.astype(f64) + (ab[0] * ab[1]).astype(a.dtype).astype(f64)).astype(a.dtype), None
+        product = ab[0] * ab[1]  # exact in float64
+        if not fused:
+            product = product.astype(a.dtype).astype(f64)
+        return (acc.astype(f64) + product).astype(a.dtype), None
 
     acc0 = jnp.zeros(a.shape[:-1] + (b.shape[-2],), a.dtype)
     return jax.lax.scan(step, acc0, (a64, b64))[0]

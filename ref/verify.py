@@ -17,6 +17,10 @@ Stated exceptions, each an HF behaviour rather than ours:
   - HF's MEGA casts both operands of its EMA FFT convolution to float32 (`.float()`) and
     computes the rotary-bias sinusoids in float32, whatever the model dtype, so its float64
     outputs are only float32-accurate too: compared at 1e-5 (refjax does the same casts).
+  - Quantized models (I-BERT quant_mode): hidden states and integer-softmax probabilities
+    are integers times scaling factors and must equal HF's exactly (tol 0); the float heads
+    on top keep the float32 tolerance (`exact_note`). Calibration goldens (`calibrate.*`)
+    are replayed with the family's `calibrate` and the state compared with HF's buffers.
 Outputs are compared at every position, padded ones included: refjax reproduces HF's
 masking of fully padded rows (see ref/attention.py).
 """
@@ -45,6 +49,20 @@ FLOAT64_IS_FLOAT32_ACCURATE = {
             "in fp64 models",
 }
 NAN_IN_FLOAT64_GOLDEN = {"arcee"}
+
+
+def exact_note(config, field: str) -> str | None:
+    """Quantized (integer-only) models, e.g. I-BERT with quant_mode: hidden states (and
+    attention probabilities where the softmax is quantized) are integers times scaling
+    factors, reproduced bit for bit, so they are compared with tolerance 0. Float modules
+    on top (heads, pooler, losses) and dequantized softmax probabilities keep the float
+    tolerance: their float32 sums are rounded in another order than torch's."""
+    quantized = getattr(config, "quantized", None)
+    if not getattr(config, "quant_mode", False) or quantized is None:
+        return None
+    if field in ("last_hidden_state", "hidden_states") or (field == "attentions" and quantized("softmax")):
+        return "quant mode: integers x scaling factors, exact"
+    return None
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels",
                "mc_token_ids", "mc_labels", "start_positions", "end_positions")
 
@@ -114,12 +132,16 @@ def run_case(golden_dir: str, case: str) -> Iterator[Row]:
             if index:
                 ours = ours[int(index)]
             tol, note = TOLERANCE[dtype], ""
+            if exact_note(ckpt.config, name):
+                tol, note = 0.0, exact_note(ckpt.config, name)
             if dtype == "float64" and ckpt.family in FLOAT64_IS_FLOAT32_ACCURATE:
                 tol, note = TOLERANCE["float32"], FLOAT64_IS_FLOAT32_ACCURATE[ckpt.family]
             elif name == "loss" and dtype == "float64" and golden[key].dtype == np.float32:
                 tol, note = TOLERANCE["float32"], "HF computes this loss in fp32"
             skip_nan = dtype == "float64" and ckpt.family in NAN_IN_FLOAT64_GOLDEN
             yield compare(case, dtype, field, ours, np.asarray(golden[key]), tol, note, skip_nan)
+    if "calibrate.input_ids.0" in golden:
+        yield from _check_calibration(case_dir, case, golden)
     if "rope.inv_freq" in golden:
         yield from _check_rope(case_dir, case, golden)
     if "generate.sequences" in golden:
@@ -149,6 +171,27 @@ def _check_generation(golden_dir: str, case: str, golden) -> Iterator[Row]:
     full_logits = np.asarray(golden["generate.logits"])[:, prompt.shape[1] - 1: -1]
     yield compare(case, "float32", "generate.step_logits", step_logits, full_logits, TOLERANCE["float32"],
                   "cached decoding vs HF full forward")
+
+
+def _check_calibration(case_dir: str, case: str, golden) -> Iterator[Row]:
+    """Activation ranges: the family's `calibrate` from the initial state over the recorded
+    train-mode batches must give exactly the state HF saved (its calibrated buffers)."""
+    import importlib
+
+    ckpt = checkpoint_lib.load_checkpoint(case_dir, dtype=jnp.float32)
+    module = importlib.import_module(families.FAMILIES[ckpt.family].forward.__module__)
+    params_module = checkpoint_lib.FAMILIES[ckpt.family].module
+    state = params_module.initial_state(ckpt.config)
+    k = 0
+    while f"calibrate.input_ids.{k}" in golden:
+        batch = {name: jnp.asarray(golden[f"calibrate.{name}.{k}"]) for name in INPUT_NAMES
+                 if f"calibrate.{name}.{k}" in golden}
+        state = module.calibrate(ckpt.params, ckpt.config, state, **batch)
+        k += 1
+    ours = dict(io.tree_paths(state))
+    tol, note = module.calibration_tolerance(ckpt.config)
+    for path, saved in io.tree_paths(ckpt.params.state):
+        yield compare(case, "float32", f"calibrate.{path}", ours[path], np.asarray(saved), tol, note)
 
 
 def _check_rope(case_dir: str, case: str, golden) -> Iterator[Row]:
