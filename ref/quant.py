@@ -205,10 +205,10 @@ def sequential_dot(a, b, fused: bool = True):
     for q k^T and F.linear at these sizes (measured; XLA's dot sums in another order).
     The product is exact in float64; acc + product is rounded to float64 then float32 (a
     double rounding that differs from a true FMA with probability ~2^-29).
-    `fused=False`: product rounded to float32 first (torch's probs @ v, measured)."""
+    `fused=False`: product rounded to float32 first (torch's probs @ v, measured).
 
-    Needed for I-BERT's attention scores: IntSoftmax floors scores / scale without
-    rounding them to integers first, so the last bit of every score matters."""
+    Needed for I-BERT: IntSoftmax floors scores / scale without rounding them to integers
+    first, and calibration reads raw min/max, so the last bit of every sum matters."""
     f64 = jnp.float64
     a64 = jnp.moveaxis(a.astype(f64), -1, 0)[..., :, None]  # [H, ..., T, 1]
     b64 = jnp.moveaxis(b.astype(f64), -1, 0)[..., None, :]  # [H, ..., 1, S]
