@@ -1,0 +1,48 @@
+"""Shared helpers for the I-BERT tests: build a seeded HF I-BERT (optionally calibrated in
+train mode, as tools/golden_ibert.py does), save it, and load it with refjax."""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+
+
+def build_and_save(arch: str, config_kwargs: dict, seed: int, calibration: list[dict] | None = None):
+    """HF model (eval mode) saved to a temp dir -> (model, directory)."""
+    import torch
+    import transformers
+
+    from hf_helpers import quiet_torch
+
+    quiet_torch()
+    torch.manual_seed(seed)
+    cfg = transformers.IBertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config_kwargs)
+    model = getattr(transformers, arch)(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            ln = name.endswith("LayerNorm.weight") or name.endswith("layer_norm.weight")
+            p.copy_((1.0 if ln else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
+    model.tie_weights()
+    if calibration:
+        model.train()
+        with torch.no_grad():
+            for batch in calibration:
+                model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+    model.eval()
+    directory = tempfile.mkdtemp(prefix="ibert-")
+    model.save_pretrained(directory, safe_serialization=True)
+    return model, directory
+
+
+def padded_batch(rng, shape, vocab, pad):
+    """ids with pad_token_id where the mask is 0: one right-padded and one left-padded row."""
+    mask = np.ones(shape, np.int64)
+    flat = mask.reshape(-1, shape[-1])
+    if flat.shape[0] > 1 and shape[-1] > 3:
+        flat[0, -2:] = 0
+        flat[-1, :2] = 0
+    low = pad + 1
+    ids = np.where(mask == 1, rng.integers(low, vocab, size=shape), pad).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": mask}

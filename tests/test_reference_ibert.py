@@ -1,0 +1,102 @@
+"""Reference tier for I-BERT: refjax against HF live, on random configs in float mode and
+in quant mode (calibrated in train mode; every force_dequant value), every head.
+
+Float mode: fp32 within 1e-5 (scaled), fp64 within 1e-12. Quant mode: hidden states and
+integer-softmax probabilities equal HF's bit for bit, the calibrated state exactly
+(1e-5 relative where force_dequant puts a float GELU/LayerNorm before a range).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="reference tier needs the `reference` extra (torch + transformers)")
+transformers = pytest.importorskip("transformers", reason="reference tier needs the `reference` extra")
+
+import jax  # noqa: E402
+
+from hf_helpers import assert_close  # noqa: E402
+from ibert_helpers import build_and_save, padded_batch  # noqa: E402
+from params import ibert as ibert_params  # noqa: E402
+from params.checkpoint import load_checkpoint  # noqa: E402
+from ref import ibert  # noqa: E402
+
+pytestmark = pytest.mark.reference
+
+ARCHS = ("IBertModel", "IBertForMaskedLM", "IBertForSequenceClassification", "IBertForMultipleChoice",
+         "IBertForTokenClassification", "IBertForQuestionAnswering")
+
+
+def random_config(rng, quant: bool) -> tuple[str, dict]:
+    heads = int(rng.choice([1, 2, 4]))
+    hidden = heads * int(rng.choice([4, 8, 16]))
+    pad = int(rng.choice([0, 1, 3]))
+    kw = dict(vocab_size=int(rng.integers(20, 60)), hidden_size=hidden, num_attention_heads=heads,
+              num_hidden_layers=int(rng.integers(1, 3)), intermediate_size=int(rng.choice([16, 32, 48])),
+              max_position_embeddings=pad + 2 + int(rng.integers(10, 20)), type_vocab_size=int(rng.integers(1, 3)),
+              pad_token_id=pad, quant_mode=quant, layer_norm_eps=float(rng.choice([1e-12, 1e-5])))
+    if quant:
+        kw["force_dequant"] = str(rng.choice(["none", "none", "gelu", "softmax", "layernorm", "nonlinear"]))
+    arch = ARCHS[int(rng.integers(len(ARCHS)))]
+    if arch == "IBertForSequenceClassification":
+        kw["num_labels"] = int(rng.integers(1, 4))
+    return arch, kw
+
+
+def hf_run(model, batch, dtype):
+    with torch.no_grad():
+        model.to(dtype)
+        return model(**{k: torch.from_numpy(v) for k, v in batch.items()}, output_hidden_states=True,
+                     output_attentions=True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_float_mode_matches_hf(seed):
+    rng = np.random.default_rng(seed)
+    arch, kw = random_config(rng, quant=False)
+    model, directory = build_and_save(arch, kw, seed)
+    shape = (2, 3, 7) if arch == "IBertForMultipleChoice" else (3, int(rng.integers(1, kw["max_position_embeddings"] - kw["pad_token_id"])))
+    batch = padded_batch(rng, shape, kw["vocab_size"], kw["pad_token_id"])
+    for dtype, tol in (("float32", 1e-5), ("float64", 1e-12)):
+        hf = hf_run(model, batch, getattr(torch, dtype))
+        ck = load_checkpoint(directory, dtype=np.dtype(dtype))
+        ours = ibert.forward(ck.params, ck.config, **batch, output_hidden_states=True, output_attentions=True)
+        for i, h in enumerate(hf.hidden_states):
+            assert_close(f"{arch} {dtype} hidden_states.{i}", ours.hidden_states[i], h.numpy(), tol)
+        for i, a in enumerate(hf.attentions):
+            assert_close(f"{arch} {dtype} attentions.{i}", ours.attentions[i], a.numpy(), tol)
+        for field in ("logits", "start_logits", "end_logits", "pooler_output"):
+            if getattr(hf, field, None) is not None:
+                assert_close(f"{arch} {dtype} {field}", getattr(ours, field), getattr(hf, field).numpy(), tol)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_quant_mode_is_bit_exact_and_calibration_matches(seed):
+    rng = np.random.default_rng(100 + seed)
+    arch, kw = random_config(rng, quant=True)
+    shape = (2, 2, 6) if arch == "IBertForMultipleChoice" else (3, int(rng.integers(2, kw["max_position_embeddings"] - kw["pad_token_id"])))
+    calib = [padded_batch(rng, shape, kw["vocab_size"], kw["pad_token_id"]) for _ in range(2)]
+    model, directory = build_and_save(arch, kw, seed, calibration=calib)
+    batch = padded_batch(rng, shape, kw["vocab_size"], kw["pad_token_id"])
+    hf = hf_run(model, batch, torch.float32)
+    ck = load_checkpoint(directory, dtype=np.float32)
+    ours = ibert.forward(ck.params, ck.config, **batch, output_hidden_states=True, output_attentions=True)
+    for i, h in enumerate(hf.hidden_states):
+        np.testing.assert_array_equal(np.asarray(ours.hidden_states[i]), h.numpy(), err_msg=f"{kw} hidden {i}")
+    if ck.config.quantized("softmax"):
+        for i, a in enumerate(hf.attentions):
+            np.testing.assert_array_equal(np.asarray(ours.attentions[i]), a.numpy(), err_msg=f"{kw} attn {i}")
+    for field in ("logits", "start_logits", "end_logits", "pooler_output"):
+        if getattr(hf, field, None) is not None:
+            assert_close(f"{arch} {field}", getattr(ours, field), getattr(hf, field).numpy(), 1e-5)
+    state = ibert_params.initial_state(ck.config)
+    for b in calib:
+        state = ibert.calibrate(ck.params, ck.config, state, **b)
+    tol, _ = ibert.calibration_tolerance(ck.config)
+    for (path, got), (_, want) in zip(jax.tree_util.tree_leaves_with_path(state),
+                                      jax.tree_util.tree_leaves_with_path(ck.params.state)):
+        got, want = np.asarray(got), np.asarray(want)
+        assert np.all(np.abs(got - want) <= tol * np.maximum(np.abs(want), 1.0)), (kw, jax.tree_util.keystr(path), got, want)
