@@ -74,6 +74,7 @@ FAMILIES: dict[str, FamilyOps] = {
         max_positions=lambda config: config.bias_positions if config.relative_positional_bias == "simple" else None,
         taps=mega.TAPS,
         takes_position_ids=False,  # HF's MEGA has no position_ids
+        unstack_layers=mega.unstack_layers,
     ),
     "roformer": FamilyOps(
         forward=roformer.forward,

@@ -29,7 +29,7 @@ import numpy as np
 
 from params.common import Linear
 from params.mega import MegaConfig, MegaEma, MegaGatedAttention, MegaLayer, MegaNorm, MegaParams
-from ref import heads, losses, nn
+from ref import heads, layers, losses, nn
 from ref.validate import as_arrays, check_labels, check_task_labels, check_token_inputs
 
 NORM_EPS = 1e-5  # HF MegaSequenceNorm passes eps=1e-5 to every norm type
@@ -393,6 +393,11 @@ def check_cache_support(config: MegaConfig) -> None:
                          "mask has chunk_size rows and fails against a one-token query); refjax refuses it")
 
 
+def unstack_layers(params: MegaParams) -> MegaParams:
+    """The same params with the layers as a tuple, for decoding (see ref/layers.py)."""
+    return layers.unstack_at(params, lambda p: p.mega.layers)
+
+
 def init_cache(config: MegaConfig, batch: int, max_length: int, dtype) -> MegaCache:
     """An empty cache for `max_length` tokens."""
     check_cache_support(config)
@@ -451,13 +456,14 @@ def model(p: MegaParams, config: MegaConfig, input_ids=None, attention_mask=None
     start = None if cache is None else cache.length
 
     def step(x, layer):
-        layer_params, layer_cache = layer
+        layer_params, _, layer_cache = layer
         x_in = x
         x, weights, new_cache, taps = block(layer_params, config, x, attention_mask, layer_cache, start)
         return x, (x_in, weights, new_cache, taps if want_taps else None)
 
     layer_caches = None if cache is None else (cache.keys, cache.values, cache.ema_state)
-    x, (layer_inputs, attentions, new_caches, layer_taps) = jax.lax.scan(step, x, (body.layers, layer_caches))
+    # a lax.scan over the stacked layers (or a loop over `ref.layers.unstack`ed ones)
+    x, (layer_inputs, attentions, new_caches, layer_taps) = layers.run_layers(step, x, body.layers, layer_caches)
     hidden_states = jnp.concatenate([layer_inputs, x[None]], axis=0)
     new_cache = None
     if cache is not None:

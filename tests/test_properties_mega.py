@@ -202,6 +202,10 @@ def test_generate_equals_greedy_full_forward():
         finished = (ids[:, 3:] == config.eos_token_id).any(-1) if ids.shape[1] > 3 else np.zeros(2, bool)
         ids = np.concatenate([ids, np.where(finished, config.pad_token_id, nxt)[:, None]], 1)
     np.testing.assert_array_equal(seqs, ids)
+    # the unstacked layout (a loop over per-layer params) decodes the same tokens
+    unstacked = FAMILIES["mega"].unstack_layers(params)
+    np.testing.assert_array_equal(np.asarray(FAMILIES["mega"].generate(unstacked, config, prompt, max_new_tokens=5)),
+                                  seqs)
 
 
 def test_gradients_are_finite():
