@@ -36,6 +36,10 @@ TENSOR_PARALLEL_RULES: list[tuple[str, str]] = [
     (r"roformer\.encoder\.layer\.intermediate\.dense\.(kernel|bias)", "out"),
     (r"roformer\.encoder\.layer\.attention\.output\.dense\.kernel", "in"),
     (r"roformer\.encoder\.layer\.output\.dense\.kernel", "in"),
+    # MEGA: only the normalized FFN. Splitting v_proj / h_proj makes XLA's CPU partitioner hand
+    # the EMA's FFT a transposed layout, which the CPU FFT thunk rejects (RET_CHECK in fft_thunk.cc).
+    (r"mega\.layers\.nffn\.fc1\.(kernel|bias)", "out"),
+    (r"mega\.layers\.nffn\.fc2\.kernel", "in"),
 ]
 
 
