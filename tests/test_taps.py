@@ -18,11 +18,12 @@ import pytest
 from conftest import GOLDEN, ROOT
 from params.checkpoint import load_checkpoint
 from params.io import read_safetensors, write_safetensors
-from ref import arcee, cli, gpt2, mega, roformer
+from ref import arcee, cli, gpt2, ibert, mega, roformer
 
 DOC = os.path.join(ROOT, "docs", "taps.md")
-FAMILY_MODULES = {"gpt2": gpt2, "arcee": arcee, "roformer": roformer, "mega": mega}
-SECTIONS = {"gpt2": "## GPT-2", "arcee": "## Arcee", "roformer": "## RoFormer", "mega": "## MEGA"}
+FAMILY_MODULES = {"gpt2": gpt2, "arcee": arcee, "roformer": roformer, "mega": mega, "ibert": ibert}
+SECTIONS = {"gpt2": "## GPT-2", "arcee": "## Arcee", "roformer": "## RoFormer", "mega": "## MEGA",
+            "ibert": "## I-BERT"}
 
 
 def documented(family: str) -> list[tuple[str, str]]:
