@@ -138,6 +138,11 @@ def attention(config: IBertConfig, p: IBertLayer, q: QuantContext, x, s, mask_ad
     scores_scale = quant._div(qs * ks, scale) if config.quant_mode else None
     scores = scores + mask_add
     if config.quantized("softmax"):
+        # A query whose keys are all padding: HF's scores are all ~finfo.min, which / scale overflows
+        # to -inf, and -inf - max = NaN for the whole row. refjax departs from HF there: the row gets
+        # equal scores, i.e. uniform attention, as float mode gives it (docs/design.md, I-BERT).
+        no_key = jnp.all(mask_add <= jnp.finfo(scores.dtype).min / 2, axis=-1, keepdims=True)
+        scores = jnp.where(no_key, jnp.zeros_like(scores), scores)
         act = lambda e, es: q.act("attention.self.softmax.act", 16, e, es)
         probs, probs_scale = quant.int_softmax(scores, scores_scale, act)
     else:

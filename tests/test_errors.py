@@ -79,6 +79,13 @@ FAMILY_ROWS = {
                       ("relative_positional_bias", "alibi", "'relative_positional_bias'"),
                       ("ema_projection_size", 0, "'ema_projection_size'"),
                       ("chunk_size", 0, "'chunk_size'"))),
+    "ibert": FamilyRows(  # no causal LM: `lm` is the quant-mode masked LM, checked as any checkpoint
+        lm="ibert/quant-mlm", other="ibert/qa", tensor="ibert.encoder.layer.1.attention.self.query.weight",
+        size_field="hidden_size", layers_field="num_hidden_layers", heads_field="num_attention_heads",
+        activation_field="hidden_act", position_table=22,  # max_position_embeddings 24 - pad_token_id 1 - 1
+        extra_config=(("force_dequant", "everything", "'force_dequant'"), ("quant_mode", "yes", "'quant_mode'"),
+                      ("position_embedding_type", "rotary", "'position_embedding_type'"),
+                      ("pad_token_id", 30, "max_position_embeddings.*pad_token_id"))),
 }
 
 
@@ -340,6 +347,9 @@ def family_rows(family: str, f: FamilyRows) -> list[Row]:
             input_row(f"{family}-longer-than-positions", lm,
                       lambda t: {k: np.tile(v, (1, f.position_table // v.shape[1] + 1)) for k, v in t.items()},
                       rf"position table|{f.position_table}"),
+        ]
+    if f.position_table is not None and FAMILIES[family].lm_architectures:
+        rows += [
             cli_row(f"{family}-generate-past-positions",
                     ["generate", f"GOLDEN/{lm}", "--inputs", "TMP/p.safetensors",
                      "--max-new-tokens", str(f.position_table), "--out", "OUT"], "position table",

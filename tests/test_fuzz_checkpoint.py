@@ -36,7 +36,7 @@ from params.io import read_safetensors
 from ref.families import FAMILIES
 
 # One small golden case per family (an LM head where the family has one).
-FUZZ_CASES = {"gpt2": "gpt2/lm", "arcee": "arcee/causal-lm", "roformer": "roformer/causal-lm", "mega": "mega/causal-lm"}
+FUZZ_CASES = {"gpt2": "gpt2/lm", "arcee": "arcee/causal-lm", "roformer": "roformer/causal-lm", "mega": "mega/causal-lm", "ibert": "ibert/quant-mlm"}
 DOCUMENTED = (ValueError, KeyError, FileNotFoundError)
 EXAMPLE_SECONDS = 120
 

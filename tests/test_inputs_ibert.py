@@ -82,6 +82,23 @@ def test_valid_edges(ck):
     assert np.all(np.isfinite(np.asarray(out.logits)))  # float mode: a fully padded row stays finite
 
 
+@pytest.mark.parametrize("case", ["quant-mlm", "quant-seqcls", "quant-dequant-gelu"])
+def test_quant_mode_fully_padded_row_is_finite_and_leaves_other_rows_bit_exact(case):
+    """HF's quant mode turns a fully padded row into NaN (finfo.min / scale overflows to -inf,
+    then -inf - max); refjax gives that row uniform attention instead. Other rows: unchanged."""
+    ck = load_checkpoint(os.path.join(GOLDEN, "ibert", case))
+    golden, _ = read_safetensors(os.path.join(GOLDEN, "ibert", case, "golden.safetensors"))
+    ids, mask = np.array(golden["input_ids"]), np.array(golden["attention_mask"])
+    padded = mask.copy()
+    padded[1] = 0
+    out = ibert.forward(ck.params, ck.config, ids, attention_mask=padded)
+    ref = ibert.forward(ck.params, ck.config, ids, attention_mask=mask)
+    logits, ref_logits = np.asarray(out.logits), np.asarray(ref.logits)
+    assert np.all(np.isfinite(logits))
+    keep = np.arange(ids.shape[0]) != 1
+    np.testing.assert_array_equal(logits[keep], ref_logits[keep])
+
+
 def test_generate_refuses_an_encoder(ck):
     with pytest.raises(ValueError, match="encoder"):
         FAMILIES["ibert"].generate(ck.params, ck.config, np.array([[5, 6]]), max_new_tokens=2)
