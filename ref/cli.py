@@ -352,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            ImportError) as e:  # ImportError: an optional extra is missing (the message names the pip command)
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"refjax: error: {message}", file=sys.stderr)
         return 2
