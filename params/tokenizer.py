@@ -157,8 +157,9 @@ def _build_mega(directory: Path, tokenizer_config: dict[str, Any]) -> Tokenizer:
         if names[key] not in vocab:
             raise ValueError(f"{key} {names[key]!r} is not in {vocab_path}")
     cls, sep = names["cls_token"], names["sep_token"]
+    # sep and cls positionally: tokenizers 0.23 renamed the `cls` keyword to `cls_token`
     tokenizer.post_processor = processors.RobertaProcessing(
-        sep=(sep, vocab[sep]), cls=(cls, vocab[cls]), add_prefix_space=add_prefix_space,
+        (sep, vocab[sep]), (cls, vocab[cls]), add_prefix_space=add_prefix_space,
         trim_offsets=bool(tokenizer_config.get("trim_offsets", True)))
     specials = [AddedToken(names[k], special=True, normalized=True)
                 for k in ("bos_token", "pad_token", "eos_token", "unk_token")]
