@@ -390,4 +390,183 @@ def int_sqrt(n):
     return jax.lax.fori_loop(0, 40, body, x)
 
 
+# --------------------------------------------------------------------------------------
+# Integer-only i-GELU, i-exp / softmax and LayerNorm (beyond HF)
+#
+# Each `*_int` kernel below takes the integers q of an activation (x = q * scale) and
+# returns the integers the fake-quant kernel above leaves in its float32 tensors, in int64
+# (values and ranges in docs/design.md). Everything that depends only on the scale or the
+# weights (b_int, c_int, x0_int, shift_int, requantization multipliers, bias_int) is a
+# constant an integer accelerator gets offline: it is computed by the float code above, so
+# it is HF's constant bit for bit. Everything that touches activations is integer
+# arithmetic. Where HF's float32 tensors round an integer above 2^24, the kernels round
+# too, with `round_f32` (an integer rounding to 24 significant bits, ties to even): that
+# is what makes them equal to HF's, not approximately equal.
+# --------------------------------------------------------------------------------------
+
+I64 = jnp.int64
+
+
+def _bits(a):
+    """Bit length of non-negative int64 a (0 for 0)."""
+    return 64 - jax.lax.clz(a)
+
+
+def round_sig(a, bits: int):
+    """Non-negative int64 a rounded to `bits` significant bits, ties to even (integer ops)."""
+    sh = jnp.maximum(_bits(a) - bits, 0)
+    return rounding_shift(a, sh) << sh
+
+
+def round_f32(v):
+    """The float32 nearest to int64 v, as an int64 (torch rounding an integer-valued float32
+    result): sign-magnitude round to 24 significant bits, ties to even. |v| < 2^62."""
+    return jnp.sign(v) * round_sig(jnp.abs(v), 24)
+
+
+def _f32_quotient(a, b, bits: int = 24):
+    """a / b (a >= 0, b > 0, int64) correctly rounded to `bits` significant bits -> (R, k)
+    with the rounded quotient = R * 2^-k exactly. The floor quotient carries >= 26 bits and
+    a sticky bit for the remainder, so one rounding of it is the correct rounding."""
+    j = jnp.maximum(61 - _bits(a), 0)  # a << j < 2^62
+    num = a << j
+    t = num // b
+    t2 = 2 * t + (num - t * b != 0).astype(I64)  # value * 2^(j+1), low bit sticky
+    return round_sig(t2, bits), j + 1
+
+
+def _floor_f32_quotient(a, b):
+    """floor(float32(a / b)) for int64 a >= 0, b > 0 (torch's floor(c / t) on integers)."""
+    r, k = _f32_quotient(a, b)
+    return r >> k
+
+
+def _const_int(x):
+    """A float32 constant that holds an integer (HF's b_int, c_int, ...) as int64."""
+    return jnp.asarray(x).astype(I64)
+
+
+def int_gelu_int(q, scale):
+    """i-GELU on integers (`IntGELU.forward`): q [..., C] int32/int64, the integers of the
+    QuantLinear output at scale [C] or [1] -> (out int64, out_scale), out = HF's x_int *
+    (erf_int + shift_int). Constants b_int, c_int, shift_int from the scale as HF computes
+    them; (|q| + b)^2 + c in int64 with HF's float32 roundings."""
+    s = _div(scale, jnp.asarray(GELU_K, scale.dtype))
+    a, b, c = GELU_COEFF
+    b_int = _const_int(jnp.floor(_rdiv(b, s)))
+    c_int = _const_int(jnp.floor(_rdiv(c, s * s)))
+    erf_scale = s * s * jnp.asarray(a, s.dtype) * 2.0 ** GELU_CONST
+    shift_int = _const_int(_floor_divide(jnp.ones_like(erf_scale), erf_scale))
+    q = q.astype(I64)
+    sign = jnp.sign(q)
+    t = round_f32(jnp.minimum(jnp.abs(q), -b_int) + b_int)  # in [b_int, 0]
+    y = sign * round_f32(round_f32(t * t) + c_int)
+    y = y >> GELU_CONST  # floor(y / 2^14): arithmetic shift floors negatives too
+    out = round_f32(q * round_f32(y + shift_int))
+    return out, _div(scale * erf_scale, 2.0)
+
+
+def int_exp_int(x_int, scale):
+    """i-exp on integers (`IntSoftmax.int_exp`): x_int <= 0 int32/int64 -> (exp_int int64,
+    exp_scale). q = floor(x / x0) by integer division (equal to HF's floor of a float32
+    quotient while |x0_int| <= 2^18, i.e. scale >= 2.7e-6: the quotient's distance from an
+    integer, >= 1 / |x0_int|, then exceeds float32's rounding error below 32); the polynomial
+    (r + b) r + c in int64 with HF's float32 roundings; exp_int = z << (30 - q)."""
+    x0_int = _const_int(jnp.floor(_rdiv(SOFTMAX_X0, scale)))  # < 0
+    a, b, c = SOFTMAX_COEF
+    b_int = _const_int(jnp.floor(_rdiv(b, scale)))
+    c_int = _const_int(jnp.floor(_rdiv(c, scale * scale)))
+    x = jnp.maximum(x_int.astype(I64), round_f32(SOFTMAX_CONST * x0_int))
+    q = x // x0_int  # both <= 0 (x0 < 0): q in [0, 30]
+    r = round_f32(x - round_f32(x0_int * q))  # in (x0_int, 0]
+    z = round_f32(round_f32(round_f32(r + b_int) * r) + c_int)
+    exp_int = jnp.maximum(z, 0) << (SOFTMAX_CONST - q)
+    poly_scale = jnp.asarray(a, scale.dtype) * (scale * scale)
+    return exp_int, _div(poly_scale, 2.0 ** SOFTMAX_CONST)
+
+
+def _frexp_int(ratio):
+    """frexp_multiplier as int64 (m, e): ratio = m * 2^-e, m a 31-bit integer."""
+    m, e = frexp_multiplier(ratio)
+    return m.astype(I64), e.astype(I64)
+
+
+def softmax_requantize_int(exp_int, exp_scale, z_scale, num_bits: int = 16):
+    """IntSoftmax's 16-bit QuantAct on integers. HF hands it exp_int as the *value* with
+    exp_scale as its scale, so FixedPointMul computes round(round(exp_int / exp_scale) * m
+    / 2^e), m 2^-e = exp_scale / z_scale, with exp_int / exp_scale a float32 (~2^110) and
+    the product a float64: reproduced with a 24-bit integer quotient (mantissa Z, exponent
+    k), the 55-bit product Z m rounded to 53 bits, and a round-half-even shift."""
+    n = 2 ** (num_bits - 1) - 1
+    exp_scale = exp_scale.reshape(-1)
+    mant, ex = jnp.frexp(exp_scale.astype(jnp.float64))  # exp_scale = M 2^E, M a 24-bit integer
+    M = jnp.floor(mant * 2.0 ** 24).astype(I64)
+    E = ex.astype(I64) - 24
+    m, e = _frexp_int(exp_scale.astype(jnp.float64) / z_scale.astype(F32).astype(jnp.float64))
+    a = exp_int.astype(I64)
+    R, j = _f32_quotient(a, M)  # a / M = R 2^-j (float32-rounded)
+    sh = jnp.maximum(_bits(R) - 24, 0)
+    Z, k = R >> sh, sh - j - E  # exact: R has <= 24 significant bits; exp_int / exp_scale = Z 2^k
+    # shifts capped at 62 (rounding_shift needs < 64): Z < 2^25 and Z m < 2^55 round to 0 there
+    Z = jnp.where(k < 0, rounding_shift(Z, jnp.clip(-k, 0, 62)), Z)  # torch.round of a small quotient
+    k = jnp.maximum(k, 0)
+    out = rounding_shift(round_sig(Z * m, 53), jnp.clip(e - k, 0, 62))
+    out = jnp.where((e < k) & (Z > 0), n, out)  # a left shift: >= 2^53, saturates (no wraparound)
+    return jnp.clip(out, -n - 1, n)
+
+
+def int_softmax_int(x_int, scale, act_min, act_max, output_bit: int = 8, max_bit: int = 32):
+    """IntSoftmax on integers: x_int [..., S] int32/int64 scores (masked keys: any value
+    <= max - 30 |x0_int|, e.g. jnp.iinfo(int32).min / 2, which the clamp maps to HF's) ->
+    (probs int64 in [0, 2^output_bit], scale). act_min/act_max: the 16-bit QuantAct range."""
+    x = x_int.astype(I64)
+    x = round_f32(x - x.max(axis=-1, keepdims=True))
+    exp_int, exp_scale = int_exp_int(x, scale)
+    z_scale = symmetric_scale(16, act_min, act_max)
+    e16 = softmax_requantize_int(exp_int, exp_scale, z_scale)
+    total = e16.sum(axis=-1, keepdims=True)  # exact in int64 (HF's float32 sum: exact below 2^24)
+    R, k = _f32_quotient(jnp.broadcast_to(jnp.asarray(1, I64), total.shape), total)  # float32(1 / sum)
+    factor = R >> (k - max_bit)  # floor(float32(1 / sum) * 2^32): HF's reciprocal, then * 2^32 (k = 61)
+    out = round_f32(e16 * factor) >> (max_bit - output_bit)
+    return out, jnp.full((1,), 1.0 / 2 ** output_bit, scale.dtype)
+
+
+def _floor_f32_sqrt(v):
+    """floor(float32(sqrt(v))) for int64 v >= 0 (torch: sqrt of a float32, then floor):
+    the square root to ~31 bits by int_sqrt of v 4^j, a sticky bit, one rounding to 24 bits."""
+    j = jnp.maximum((62 - _bits(v)) // 2, 0)
+    w = v << (2 * j)
+    s = int_sqrt(w)
+    t2 = 2 * s + (s * s != w).astype(I64)  # sqrt(v) 2^(j+1), low bit sticky
+    return round_sig(t2, 24) >> (j + 1)
+
+
+def int_layer_norm_int(q, scale, weight, bias, shift):
+    """IntLayerNorm (eval) on integers: q [..., D] int32/int64 (22-bit QuantAct output at
+    scale [1]), shift [1] (the calibrated state) -> (out int64, out_scale [D]).
+
+    mean = round(float32(sum / D)) with the correctly rounded quotient; y = q - mean;
+    var = sum of float32-rounded (y >> shift)^2; std = floor(float32(sqrt(var))) << shift;
+    factor = floor(float32(2^31 / std)); out = floor(float32(y factor) / 2) + bias_int, with
+    HF's float32 roundings. The sums are exact int64 sums: equal to HF's float32 sums
+    while those are exact (partial sums below 2^24); above that HF's sum depends on
+    torch's order and the kernel keeps the exact one."""
+    D = q.shape[-1]
+    q = q.astype(I64)
+    total = q.sum(axis=-1, keepdims=True)
+    R, k = _f32_quotient(jnp.abs(total), jnp.asarray(D, I64))
+    mean = jnp.sign(total) * rounding_shift(R, k)  # torch.round: half to even, symmetric
+    y = round_f32(q - mean)
+    shift_i = shift.astype(I64)
+    ys = y >> shift_i  # floor(y / 2^shift)
+    var = round_f32(round_f32(ys * ys).sum(axis=-1, keepdims=True))
+    std = _floor_f32_sqrt(var) << shift_i
+    factor = _floor_f32_quotient(jnp.broadcast_to(jnp.asarray(2 ** 31, I64), std.shape), std)
+    out = round_f32(y * factor) >> 1
+    dim_sqrt = jnp.sqrt(jnp.asarray(D, F32)).astype(scale.dtype)
+    out_scale = _div(dim_sqrt, 2.0 ** 30)
+    bias_int = _const_int(jnp.floor(_div(_div(bias, weight), out_scale)))
+    return round_f32(out + bias_int), out_scale * weight
+
+
 __all__ = [name for name in dir() if not name.startswith("_") and name not in ("jax", "jnp", "np", "annotations")]
