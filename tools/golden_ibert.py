@@ -157,12 +157,7 @@ def build(lib, name: str, v: Variant, case_dir: Path):
     record.update(inputs)
     dtypes = ("float32",) if quant else lib.DTYPES
     for dtype_name in dtypes:
-        dtype = getattr(torch, dtype_name)
-        model.to(dtype)
-        outputs = lib.run_forward(model, inputs, dtype)
-        bad = [k for k, a in outputs.items() if a.dtype.kind == "f" and not np.all(np.isfinite(a))]
-        if bad:
-            raise RuntimeError(f"{name}: HF {dtype_name} outputs are not finite: {bad}")
+        outputs = lib.finite_forward(name, model, inputs, dtype_name)
         record.update({f"{dtype_name}/{k}": a for k, a in outputs.items()})
     if quant:
         notes.append(fp64_note(lib, model, inputs))

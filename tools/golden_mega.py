@@ -315,12 +315,7 @@ def build(lib, name: str, v: Variant, case_dir: Path):
     notes = ["HF computes the EMA's FFT convolution (`.float()`) and the rotary sinusoids in float32 even in "
              "a float64 model, so float64 outputs are float32-accurate"]
     for dtype_name in lib.DTYPES:
-        dtype = getattr(torch, dtype_name)
-        model.to(dtype)
-        outputs = lib.run_forward(model, inputs, dtype)
-        bad = [k for k, a in outputs.items() if not np.all(np.isfinite(a))]
-        if bad:
-            raise RuntimeError(f"{name}: HF {dtype_name} outputs are not finite: {bad}")
+        outputs = lib.finite_forward(name, model, inputs, dtype_name)
         record.update({f"{dtype_name}/{k}": a for k, a in outputs.items()})
         if dtype_name == "float32" and v.generate:
             prompt = rng.integers(LOW_ID, cfg.vocab_size, size=(2, 5)).astype(np.int64)

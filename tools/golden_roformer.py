@@ -111,27 +111,13 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def reinit(model, seed: int) -> None:
+def reinit(lib, model, seed: int) -> None:
     """Linear weights/biases and the MLM bias ~ N(0, 0.2); LayerNorm weight ~ 1 + N(0, 0.2),
     bias ~ N(0, 0.2); word/token-type embeddings ~ N(0, 0.5). The sinusoidal table (an
     nn.Embedding subclass with a fixed parameter) keeps HF's values. Ties are restored."""
-    import torch
     from transformers.models.roformer.modeling_roformer import RoFormerSinusoidalPositionalEmbedding
 
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            owner = model.get_submodule(name.rsplit(".", 1)[0])
-            if isinstance(owner, RoFormerSinusoidalPositionalEmbedding):
-                continue
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if isinstance(owner, torch.nn.Embedding):
-                p.copy_(0.5 * noise)
-            elif isinstance(owner, torch.nn.LayerNorm) and name.endswith(".weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(0.2 * noise)
-    model.tie_weights()
+    lib.randomize_params(model, seed, keep=lambda owner: isinstance(owner, RoFormerSinusoidalPositionalEmbedding))
 
 
 def inputs_for(lib, v: Variant, rng: np.random.Generator, cfg) -> dict[str, np.ndarray]:
@@ -218,7 +204,7 @@ def build(lib, name: str, v: Variant, case_dir: Path):
         overrides["vocab_size"] = len(tokenizer_vocab())
     cfg = transformers.RoFormerConfig(**{**BASE_CONFIG, **overrides})
     model = getattr(transformers, v.architecture)._from_config(cfg, attn_implementation="eager").eval()
-    reinit(model, seed)
+    reinit(lib, model, seed)
     model.save_pretrained(case_dir, safe_serialization=True)  # before any forward: seq-cls mutates problem_type
     lib.check_reload(model, case_dir)
     record: dict[str, np.ndarray] = {}
@@ -230,12 +216,7 @@ def build(lib, name: str, v: Variant, case_dir: Path):
     inputs = inputs_for(lib, v, rng, cfg)
     record.update(inputs)
     for dtype_name in lib.DTYPES:
-        dtype = getattr(torch, dtype_name)
-        model.to(dtype)
-        outputs = lib.run_forward(model, inputs, dtype)
-        bad = [k for k, a in outputs.items() if a.dtype.kind == "f" and not np.all(np.isfinite(a))]
-        if bad:
-            raise RuntimeError(f"{name}: HF {dtype_name} outputs are not finite: {bad}")
+        outputs = lib.finite_forward(name, model, inputs, dtype_name)
         record.update({f"{dtype_name}/{k}": a for k, a in outputs.items()})
         if dtype_name == "float32" and v.generate:
             record.update(run_generate(lib, model, rng, cfg))

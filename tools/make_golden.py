@@ -427,18 +427,19 @@ def gpt2_generate_prompts(rng: np.random.Generator, vocab: int, low: int = 1) ->
     return masked_ids(rng, mask, vocab, low), mask
 
 
-def reinit_gpt2(model, seed: int) -> None:
-    """Re-initialise every parameter so that attention is peaked and every flag shows.
-
-    Linear/Conv1D weights and biases ~ N(0, 0.2); LayerNorm weight ~ 1 + N(0, 0.2),
-    bias ~ N(0, 0.2); wte/wpe ~ N(0, 0.5). Tied weights stay tied (lm_head <- wte).
-    """
+def randomize_params(model, seed: int, keep: Callable[[Any], bool] = lambda owner: False) -> None:
+    """Embeddings ~ N(0, 0.5); LayerNorm weights ~ 1 + N(0, 0.2); every other parameter
+    ~ N(0, 0.2), drawn in `named_parameters` order from one seeded generator (tied
+    parameters appear once; the ties are restored after). Parameters whose module
+    `keep(owner)` accepts keep their values and draw no noise."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():  # tied parameters appear once
+        for name, p in model.named_parameters():
             owner = model.get_submodule(name.rsplit(".", 1)[0])
+            if keep(owner):
+                continue
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
             if isinstance(owner, torch.nn.Embedding):
                 p.copy_(0.5 * noise)
@@ -447,6 +448,28 @@ def reinit_gpt2(model, seed: int) -> None:
             else:
                 p.copy_(0.2 * noise)
     model.tie_weights()
+
+
+def finite_forward(name: str, model, inputs: dict[str, np.ndarray], dtype_name: str) -> dict[str, np.ndarray]:
+    """`run_forward` in `dtype_name`, refusing non-finite HF outputs (a golden must be finite)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    model.to(dtype)
+    outputs = run_forward(model, inputs, dtype)
+    bad = [k for k, a in outputs.items() if a.dtype.kind == "f" and not np.all(np.isfinite(a))]
+    if bad:
+        raise RuntimeError(f"{name}: HF {dtype_name} outputs are not finite: {bad}")
+    return outputs
+
+
+def reinit_gpt2(model, seed: int) -> None:
+    """Re-initialise every parameter so that attention is peaked and every flag shows.
+
+    Linear/Conv1D weights and biases ~ N(0, 0.2); LayerNorm weight ~ 1 + N(0, 0.2),
+    bias ~ N(0, 0.2); wte/wpe ~ N(0, 0.5). Tied weights stay tied (lm_head <- wte).
+    """
+    randomize_params(model, seed)
     lm_head = getattr(model, "lm_head", None)
     tied = lm_head is not None and lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     if lm_head is not None and tied != model.config.tie_word_embeddings:
