@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from params.common import Embedding, LayerNorm, Linear
-from params.config import (ACTIVATIONS, ConfigError, _common, _family_architecture, _Fields)
+from params.config import (ACTIVATIONS, SUMMARY_TYPES, ConfigError, _common, _family_architecture, _Fields)
 from params.io import NameRule
 
 # --------------------------------------------------------------------------------------
@@ -41,9 +41,9 @@ ROFORMER_ARCHITECTURES = (
     "RoFormerForQuestionAnswering",
 )
 
-# RoFormerSequenceSummary (multiple choice) reads these optional config attributes with getattr;
-# RoFormerConfig itself has none of them, so HF's defaults are "last", no projection, no activation.
-SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
+# RoFormerSequenceSummary (multiple choice) reads the optional summary_* config attributes with
+# getattr; RoFormerConfig itself has none of them, so HF's defaults are "last", no projection, no
+# activation. Accepted summary types: GPT-2's (params.config.SUMMARY_TYPES, the same HF class).
 
 
 @dataclasses.dataclass(frozen=True)
