@@ -1,6 +1,6 @@
 """Benchmarks: refjax and HF PyTorch side by side, in ONE process, same weights, same threads.
 
-    python tools/bench.py [--out BENCHMARKS.md] [--threads N] [--repeats R] [--quick]
+    python tools/bench.py [--out BENCHMARKS.md] [--threads N] [--repeats R] [--quick] [--device cpu|cuda]
 
 Needs the `reference` extra (torch + transformers). Measures, on this machine:
 - its own limits: fp32 matmul GFLOP/s and memory read bandwidth (best of numpy, torch,
@@ -13,6 +13,14 @@ Needs the `reference` extra (torch + transformers). Measures, on this machine:
 - the cost of input validation on the eager path.
 Writes a Markdown report (atomically) and prints it. Timings are the best of R runs
 after a warm-up run (which includes JAX compilation); nothing here is asserted in tests.
+
+`--device cuda` runs both sides on the GPU (torch models and inputs on "cuda", JAX's default
+backend must be the GPU), fp32 throughout: TF32 off in torch, JAX matmul precision "highest".
+Every timed call is synchronized (torch.cuda.synchronize, block_until_ready). The limits are
+then the GPU's fp32 matmul rate (8192^3) and device memory bandwidth (a 2 GiB device-to-device
+copy, bytes read + written); GPT-2 also gets a batch 32 x 512 forward. The report is rewritten
+after every stage, so a run cut short still leaves what it measured; a failed stage is listed
+in the report and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,29 +41,91 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 
-def best_time(fn, repeats: int) -> float:
+def no_sync() -> None:
+    pass
+
+
+class FakeCuda:
+    """Stands in for `torch.cuda` under --simulate-cuda (the cuda code path run on the CPU, a
+    self-check of this script): same attribute names, CPU answers, synchronize calls counted."""
+
+    def __init__(self):
+        self.synchronize_calls = 0
+
+    def synchronize(self) -> None:
+        self.synchronize_calls += 1
+
+    def is_available(self) -> bool:
+        return True
+
+    def get_device_name(self, index: int = 0) -> str:
+        return "simulated on CPU"
+
+    def get_device_properties(self, index: int = 0):
+        return type("Props", (), {"total_memory": 0, "major": 0, "minor": 0, "multi_processor_count": 0})()
+
+    def empty_cache(self) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """Where the benchmark runs: `kind` picks the code path ("cpu" or "cuda"), `torch` is the
+    device torch models and inputs go to, `cuda` is `torch.cuda` (or a FakeCuda when simulated)."""
+
+    kind: str = "cpu"
+    torch: str = "cpu"
+    cuda: object = None
+    simulate: bool = False
+
+    @property
+    def gpu(self) -> bool:
+        return self.kind == "cuda"
+
+    def sync(self) -> None:
+        """Wait for queued torch GPU work (before reading the clock); nothing on the CPU."""
+        if self.gpu:
+            self.cuda.synchronize()
+
+    def tensor(self, array: np.ndarray):
+        """A host array as a torch tensor on this device."""
+        import torch
+
+        return torch.from_numpy(array).to(self.torch)
+
+
+CPU = Device()
+
+
+def best_time(fn, repeats: int, sync=no_sync) -> float:
     fn()  # warm-up (and JAX compile)
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def best_times_interleaved(fns: dict, repeats: int) -> dict:
+def best_times_interleaved(fns: dict, repeats: int, sync=no_sync) -> dict:
     """Best time of each function, measured in rounds that run every function once, so a
-    change in machine load during the run hits every implementation alike."""
+    change in machine load during the run hits every implementation alike. `sync` runs after
+    every call, before the clock is read (torch.cuda.synchronize on a GPU; JAX calls block
+    themselves with block_until_ready or a host copy)."""
     import torch
 
     with torch.inference_mode():
         for fn in fns.values():
             fn()  # warm-up (and JAX compile)
+            sync()
         best = {name: float("inf") for name in fns}
         for _ in range(repeats):
             for name, fn in fns.items():
                 start = time.perf_counter()
                 fn()
+                sync()
                 best[name] = min(best[name], time.perf_counter() - start)
     return best
 
@@ -90,6 +161,47 @@ def machine_limits(repeats: int) -> dict:
     }
     return {"matmul_gflops": max(gflops.values()), "matmul_by": gflops,
             "read_gbps": max(bandwidth.values()), "read_by": bandwidth}
+
+
+def gpu_limits(repeats: int, dev: Device, n: int = 8192, copy_bytes: int = 2 * 2**30) -> dict:
+    """fp32 matmul rate (n^3, TF32 off in torch, precision HIGHEST in JAX) and device memory
+    bandwidth (a device-to-device copy of `copy_bytes`, counting bytes read + written)."""
+    gflops = gpu_matmul_gflops(repeats, dev, n)
+    bandwidth = gpu_copy_gbps(repeats, dev, copy_bytes)
+    dev.sync()
+    dev.cuda.empty_cache()  # give the buffers back for the models
+    return {"matmul_gflops": max(gflops.values()), "matmul_by": gflops,
+            "read_gbps": max(bandwidth.values()), "read_by": bandwidth, "matmul_n": n, "copy_bytes": copy_bytes}
+
+
+def gpu_matmul_gflops(repeats: int, dev: Device, n: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    flops = 2 * n ** 3
+    gen = torch.Generator(device=dev.torch).manual_seed(0)
+    ta = torch.randn((n, n), generator=gen, device=dev.torch, dtype=torch.float32)
+    tc = torch.empty_like(ta)
+    ja = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    jmm = jax.jit(lambda x: jnp.matmul(x, x, precision=jax.lax.Precision.HIGHEST))
+    return {"torch": flops / best_time(lambda: torch.mm(ta, ta, out=tc), repeats, dev.sync) / 1e9,
+            "jax": flops / best_time(lambda: jmm(ja).block_until_ready(), repeats) / 1e9}
+
+
+def gpu_copy_gbps(repeats: int, dev: Device, copy_bytes: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    count = copy_bytes // 4
+    src = torch.ones(count, device=dev.torch, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    jsrc = jnp.ones(count, jnp.float32)
+    jscale = jax.jit(lambda x: x * 2.0)  # reads and writes every byte once, like a copy
+    moved = 2 * count * 4
+    return {"torch copy": moved / best_time(lambda: dst.copy_(src), repeats, dev.sync) / 1e9,
+            "jax x * 2": moved / best_time(lambda: jscale(jsrc).block_until_ready(), repeats) / 1e9}
 
 
 # --------------------------------------------------------------------------------------
@@ -128,23 +240,22 @@ def forward_flops(n_params_matmul: int, tokens: int, layers: int, width: int, se
     return 2.0 * n_params_matmul * tokens + 4.0 * layers * tokens * seq * width
 
 
-def bench_family(name: str, family: str, raw: dict, batch: int, seq: int, prompt: int, new: int, repeats: int,
-                 limits: dict) -> list[dict]:
+def bench_family(name: str, family: str, raw: dict, shapes: list[tuple[int, int]], prompt: int, new: int,
+                 repeats: int, limits: dict, dev: Device = CPU, rows: list | None = None) -> list[dict]:
+    """Forward rows for each (batch, seq) in `shapes`, then greedy decode rows (the prompt is
+    the start of the first shape's ids). Rows are appended to `rows` as they are measured."""
     import jax
     import jax.numpy as jnp
-    import torch
 
     from ref.families import FAMILIES
 
-    rows = []
+    rows = [] if rows is None else rows
     ops = FAMILIES[family]
     hf_models = {}
     for attn in ("eager", "sdpa"):
         hf_models[attn], config, params = hf_and_refjax(family, raw, attn)
+        hf_models[attn] = hf_models[attn].to(dev.torch)
     config = dataclasses.replace(config, eos_token_id=None)  # decode exactly `new` tokens
-    ids = np.random.default_rng(1).integers(0, config.vocab_size, (batch, seq))
-    tids = torch.from_numpy(ids)
-    jids = jnp.asarray(ids, jnp.int32)
     wbytes = weight_bytes(params)
     layers = getattr(config, "n_layer", None) or config.num_hidden_layers
     width = getattr(config, "n_embd", None) or config.hidden_size
@@ -154,34 +265,43 @@ def bench_family(name: str, family: str, raw: dict, batch: int, seq: int, prompt
         matmul_params -= config.n_positions * width
     if config.tie_word_embeddings:
         matmul_params += config.vocab_size * width
-    flops = forward_flops(matmul_params, batch * seq, layers, width, seq)
 
     forward = jax.jit(ops.forward, static_argnames=("config", "fast"))
     unstacked = ops.unstack_layers(params)  # layers as a tuple: no per-step weight copies (ref/layers.py)
-    times = best_times_interleaved({
-        "refjax (readable)": lambda: forward(params, config, jids).logits.block_until_ready(),
-        "refjax (fast)": lambda: forward(params, config, jids, fast=True).logits.block_until_ready(),
-        "refjax (fast, unstacked)": lambda: forward(unstacked, config, jids, fast=True).logits.block_until_ready(),
-        "HF eager": lambda: hf_models["eager"](tids).logits,
-        "HF sdpa": lambda: hf_models["sdpa"](tids).logits,
-    }, repeats)
-    for label, t in times.items():
-        rows.append({"model": name, "task": f"forward fp32 {batch}x{seq}", "impl": label, "seconds": t,
-                     "throughput": batch * seq / t, "unit": "tok/s",
-                     "of_limit": flops / t / 1e9 / limits["matmul_gflops"]})
+    for batch, seq in shapes:
+        ids = np.random.default_rng(1).integers(0, config.vocab_size, (batch, seq))
+        if (batch, seq) == shapes[0]:
+            prompt_ids = ids[:1, :prompt]
+        tids = dev.tensor(ids)
+        jids = jnp.asarray(ids, jnp.int32)
+        flops = forward_flops(matmul_params, batch * seq, layers, width, seq)
+        times = best_times_interleaved({
+            "refjax (readable)": lambda: forward(params, config, jids).logits.block_until_ready(),
+            "refjax (fast)": lambda: forward(params, config, jids, fast=True).logits.block_until_ready(),
+            "refjax (fast, unstacked)": lambda: forward(unstacked, config, jids,
+                                                        fast=True).logits.block_until_ready(),
+            "HF eager": lambda: hf_models["eager"](tids).logits,
+            "HF sdpa": lambda: hf_models["sdpa"](tids).logits,
+        }, repeats, dev.sync)
+        for label, t in times.items():
+            rows.append({"model": name, "task": f"forward fp32 {batch}x{seq}", "impl": label, "seconds": t,
+                         "throughput": batch * seq / t, "unit": "tok/s",
+                         "of_limit": flops / t / 1e9 / limits["matmul_gflops"]})
+        if dev.gpu:
+            dev.cuda.empty_cache()  # the big batch's activations, before the next stage
 
-    prompt_ids = ids[:1, :prompt]
+    tprompt = dev.tensor(prompt_ids)
     roofline = wbytes / (limits["read_gbps"] * 1e9)  # seconds per token if weights are read once per token
     times = best_times_interleaved({
         "refjax (readable)": lambda: np.asarray(ops.generate(params, config, prompt_ids, max_new_tokens=new)),
         "refjax (fast)": lambda: np.asarray(ops.generate(params, config, prompt_ids, max_new_tokens=new, fast=True)),
         "refjax (fast, unstacked)": lambda: np.asarray(ops.generate(unstacked, config, prompt_ids, max_new_tokens=new,
                                                                     fast=True)),
-        "HF eager": lambda: hf_models["eager"].generate(torch.from_numpy(prompt_ids), max_new_tokens=new,
-                                                        min_new_tokens=new, do_sample=False, pad_token_id=0),
-        "HF sdpa": lambda: hf_models["sdpa"].generate(torch.from_numpy(prompt_ids), max_new_tokens=new,
-                                                      min_new_tokens=new, do_sample=False, pad_token_id=0),
-    }, repeats)
+        "HF eager": lambda: hf_models["eager"].generate(tprompt, max_new_tokens=new, min_new_tokens=new,
+                                                        do_sample=False, pad_token_id=0),
+        "HF sdpa": lambda: hf_models["sdpa"].generate(tprompt, max_new_tokens=new, min_new_tokens=new,
+                                                      do_sample=False, pad_token_id=0),
+    }, repeats, dev.sync)
     for label, t in times.items():
         per_token = t / new
         rows.append({"model": name, "task": f"greedy decode b1 p{prompt}+{new}", "impl": label, "seconds": t,
@@ -239,17 +359,79 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def report(limits, rows, compiles, validation, threads, versions) -> str:
-    lines = ["# Benchmarks", "",
-             f"Measured by `tools/bench.py` on {datetime.date.today().isoformat()}, one process, same random "
-             "weights in refjax and HF PyTorch, best of several runs after a warm-up (JAX compile excluded).", "",
-             "## Machine", "",
-             f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores; torch threads {threads}; no GPU used",
-             f"- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-             f"- Measured fp32 matmul peak: {limits['matmul_gflops']:.1f} GFLOP/s (2048^3; "
-             + ", ".join(f"{k} {v:.1f}" for k, v in limits["matmul_by"].items()) + ")",
-             f"- Measured memory read bandwidth: {limits['read_gbps']:.1f} GB/s (sum of 256 MiB; "
-             + ", ".join(f"{k} {v:.1f}" for k, v in limits["read_by"].items()) + ")", ""]
+def gpu_info(dev: Device) -> dict:
+    """What the report says about the GPU: torch's name and properties, JAX's device kind,
+    the driver (nvidia-smi, when present) and torch's CUDA version."""
+    import subprocess
+
+    import jax
+    import torch
+
+    props = dev.cuda.get_device_properties(0)
+    jdev = jax.devices()[0]
+    driver = "unknown"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            driver = out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        precision = jax.config.jax_default_matmul_precision
+    except Exception:  # noqa: BLE001 - only for the report line: say what was set instead
+        precision = "highest (as set; not read back)"
+    return {"name": dev.cuda.get_device_name(0), "memory_gib": props.total_memory / 2**30,
+            "capability": f"{props.major}.{props.minor}", "sms": props.multi_processor_count,
+            "jax_device": f"{jdev.platform}: {jdev.device_kind}", "driver": driver,
+            "cuda": torch.version.cuda or "n/a",
+            "tf32": f"torch.backends.cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
+                    f"torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+                    f"jax_default_matmul_precision={precision}"}
+
+
+def machine_lines(limits, threads, versions, dev: Device, info: dict | None, repeats: int | None) -> list[str]:
+    if not dev.gpu:
+        return [f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores; torch threads {threads}; no GPU used",
+                "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+                f"- Measured fp32 matmul peak: {limits['matmul_gflops']:.1f} GFLOP/s (2048^3; "
+                + ", ".join(f"{k} {v:.1f}" for k, v in limits["matmul_by"].items()) + ")",
+                f"- Measured memory read bandwidth: {limits['read_gbps']:.1f} GB/s (sum of 256 MiB; "
+                + ", ".join(f"{k} {v:.1f}" for k, v in limits["read_by"].items()) + ")"]
+    n, copy_mib = limits["matmul_n"], limits["copy_bytes"] / 2**20
+    return [f"- GPU: {info['name']} ({info['memory_gib']:.1f} GiB, compute capability {info['capability']}, "
+            f"{info['sms']} SMs); JAX device {info['jax_device']}; driver {info['driver']}, CUDA (torch) "
+            f"{info['cuda']}",
+            f"- Host: {cpu_name()}, {os.cpu_count()} logical cores; torch threads {threads}",
+            "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+            f"- fp32 settings: {info['tf32']}; timings are the best of {repeats} runs after a warm-up",
+            f"- Measured fp32 matmul peak: {limits['matmul_gflops'] / 1e3:.1f} TFLOP/s ({n}^3, TF32 off; "
+            + ", ".join(f"{k} {v / 1e3:.1f}" for k, v in limits["matmul_by"].items()) + ")",
+            f"- Measured device memory bandwidth: {limits['read_gbps']:.0f} GB/s ({copy_mib:.0f} MiB "
+            "device-to-device, bytes read + written; "
+            + ", ".join(f"{k} {v:.0f}" for k, v in limits["read_by"].items()) + ")"]
+
+
+def report(limits, rows, compiles, validation, threads, versions, dev: Device = CPU, info: dict | None = None,
+           repeats: int | None = None, failures=(), wall: float | None = None) -> str:
+    """The Markdown report. With `dev` on a GPU, `compiles` or `validation` may be None (a
+    stage not yet run, or failed), `failures` lists failed stages and `wall` is the run time."""
+    if dev.gpu:
+        head = ["# Benchmarks (GPU)", "",
+                f"Measured by `tools/bench.py --device cuda` on {datetime.date.today().isoformat()}, one process, "
+                "same random weights in refjax and HF PyTorch on the same GPU, fp32 throughout, best of several "
+                "runs after a warm-up (JAX compile excluded); every timed call is synchronized "
+                "(`torch.cuda.synchronize`, `block_until_ready` or a copy to the host)."]
+    else:
+        head = ["# Benchmarks", "",
+                f"Measured by `tools/bench.py` on {datetime.date.today().isoformat()}, one process, same random "
+                "weights in refjax and HF PyTorch, best of several runs after a warm-up (JAX compile excluded)."]
+    lines = head + ["", "## Machine", ""] + machine_lines(limits, threads, versions, dev, info, repeats)
+    if wall is not None:
+        lines.append(f"- Wall time of this run so far: {wall:.0f} s")
+    lines.append("")
+    if failures:
+        lines += ["## Failed stages", ""] + [f"- {stage}: {error}" for stage, error in failures] + [""]
     for model in dict.fromkeys(r["model"] for r in rows):
         for task in dict.fromkeys(r["task"] for r in rows if r["model"] == model):
             group = [r for r in rows if r["model"] == model and r["task"] == task]
@@ -264,18 +446,26 @@ def report(limits, rows, compiles, validation, threads, versions) -> str:
                              + f"{r['throughput']:.1f} | {r['throughput'] / sdpa['throughput']:.2f}x | "
                              f"{100 * r['of_limit']:.0f}% |")
             lines.append("")
-    lines += ["## Compile time of the GPT-2 forward (124M widths, 8 x 128) by depth", "",
-              "| layers | compile seconds |", "|---:|---:|"]
-    lines += [f"| {r['layers']} | {r['seconds']:.2f} |" for r in compiles]
-    lines += ["", "Layers are stacked and run with `lax.scan`, so compile time does not grow with depth.",
-              "\"unstacked\" rows use `unstack_layers` (a tuple of per-layer weights, a Python loop): XLA's CPU "
-              "backend copies each scanned layer's weights out of the stack before its matmuls, once per token "
-              "when decoding; unstacked layers read their own buffers instead (compile time then grows with "
-              "depth).", "",
-              "## Input validation", "",
-              f"Checking an 8 x 128 batch (shapes, id ranges) costs {validation['seconds'] * 1e6:.0f} us per eager "
-              "call; under `jit` the ids are tracers and the value checks are skipped, so a jitted forward or "
-              "`generate` pays nothing.", ""]
+    if compiles is not None:
+        lines += ["## Compile time of the GPT-2 forward (124M widths, 8 x 128) by depth", "",
+                  "| layers | compile seconds |", "|---:|---:|"]
+        lines += [f"| {r['layers']} | {r['seconds']:.2f} |" for r in compiles]
+        if dev.gpu:
+            lines += ["", "Layers are stacked and run with `lax.scan`, so compile time does not grow with depth.",
+                      "\"unstacked\" rows use `unstack_layers` (a tuple of per-layer weights, a Python loop): on "
+                      "XLA's CPU backend this avoids copying each scanned layer's weights out of the stack once "
+                      "per token when decoding; the rows above show what it does on this GPU.", ""]
+        else:
+            lines += ["", "Layers are stacked and run with `lax.scan`, so compile time does not grow with depth.",
+                      "\"unstacked\" rows use `unstack_layers` (a tuple of per-layer weights, a Python loop): XLA's "
+                      "CPU backend copies each scanned layer's weights out of the stack before its matmuls, once per "
+                      "token when decoding; unstacked layers read their own buffers instead (compile time then grows "
+                      "with depth).", ""]
+    if validation is not None:
+        lines += ["## Input validation", "",
+                  f"Checking an 8 x 128 batch (shapes, id ranges) costs {validation['seconds'] * 1e6:.0f} us per "
+                  "eager call; under `jit` the ids are tracers and the value checks are skipped, so a jitted "
+                  "forward or `generate` pays nothing.", ""]
     return "\n".join(lines)
 
 
@@ -285,21 +475,102 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke test of this script")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: torch and JAX on the GPU, fp32 with TF32 off (default: cpu)")
+    # the cuda code path with torch on the CPU and a stand-in for torch.cuda: a self-check of this script
+    parser.add_argument("--simulate-cuda", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     try:
         import torch
         import transformers
     except ImportError:
         print("tools/bench.py needs the `reference` extra: pip install '.[reference]'", file=sys.stderr)
         return 2
+    dev = CPU
+    if args.simulate_cuda:
+        dev = Device("cuda", "cpu", FakeCuda(), simulate=True)
+        missing = [n for n in dir(FakeCuda) if not n.startswith("_") and not hasattr(torch.cuda, n)]
+        assert not missing, f"FakeCuda names not in torch.cuda: {missing}"
+    elif args.device == "cuda":
+        if not torch.cuda.is_available():
+            print(f"tools/bench.py: --device cuda needs a CUDA GPU, but torch {torch.__version__} sees none "
+                  f"(torch.cuda.is_available() is False, torch.version.cuda={torch.version.cuda})", file=sys.stderr)
+            return 2
+        dev = Device("cuda", "cuda", torch.cuda)
+    if dev.gpu:
+        # JAX would otherwise take 75% of the GPU memory up front and leave torch the rest
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.set_num_threads(args.threads)
     versions = {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": platform.python_version()}
-    print("measuring machine limits ...", file=sys.stderr)
-    limits = machine_limits(args.repeats)
+    info = None
+    if dev.gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 matmuls, as JAX's "highest" precision
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            jdev = jax.devices()[0]
+        except RuntimeError as e:
+            print(f"tools/bench.py: JAX could not start a backend: {e}".splitlines()[0], file=sys.stderr)
+            return 2
+        if jdev.platform not in ("gpu", "cuda") and not dev.simulate:
+            print(f"tools/bench.py: --device cuda needs JAX on the GPU, but its default backend is "
+                  f"{jdev.platform!r} ({jdev.device_kind}): install jax[cuda] (the jax-cuda plugin)", file=sys.stderr)
+            return 2
+        import jaxlib
+
+        versions = {"jax": jax.__version__, "jaxlib": getattr(jaxlib, "__version__", "?"), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "python": platform.python_version()}
+        info = gpu_info(dev)
+    t0 = time.perf_counter()
+    failures: list[tuple[str, str]] = []
+    rows: list[dict] = []
+    state = {"compiles": None, "validation": None}
+    from params.io import atomic_write
+
+    def write_report() -> str:
+        text = report(limits, rows, state["compiles"], state["validation"], args.threads, versions, dev, info,
+                      args.repeats, failures, time.perf_counter() - t0 if dev.gpu else None)
+        with atomic_write(args.out, "w") as f:
+            f.write(text)
+        return text
+
+    def stage(message: str, fn, *, partial_report: bool = True):
+        """Run one stage. On a GPU a failure is recorded (report and exit status) and the next
+        stage still runs, and the report is rewritten after each stage; on the CPU errors raise."""
+        prefix = f"[{time.perf_counter() - t0:5.0f} s] " if dev.gpu else ""
+        print(f"{prefix}{message} ...", file=sys.stderr, flush=True)
+        if not dev.gpu:
+            return fn()
+        n_rows = len(rows)
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - recorded in the report and the exit status
+            traceback.print_exc()
+            failures.append((message, (f"{type(e).__name__}: {e}".splitlines() or ["?"])[0][:300]))
+            return None
+        finally:
+            for row in rows[n_rows:]:
+                print("  " + json.dumps(row), file=sys.stderr, flush=True)
+            if partial_report:
+                write_report()
+
+    if dev.gpu:
+        n, copy_bytes = (1024, 64 * 2**20) if args.quick else (8192, 2 * 2**30)
+        limits = {"matmul_gflops": float("nan"), "matmul_by": {}, "read_gbps": float("nan"), "read_by": {},
+                  "matmul_n": n, "copy_bytes": copy_bytes}
+        measured = stage("measuring machine limits", lambda: gpu_limits(args.repeats, dev, n, copy_bytes),
+                         partial_report=False)
+        limits = measured or limits
+        print(f"  {json.dumps(limits)}", file=sys.stderr, flush=True)
+        write_report()
+    else:
+        print("measuring machine limits ...", file=sys.stderr)
+        limits = machine_limits(args.repeats)
     with open(os.path.join(ROOT, "tests", "data", "configs", "gpt2.json")) as f:
         gpt2_raw = json.load(f)
     arcee_raw = {"model_type": "arcee", "architectures": ["ArceeForCausalLM"], "vocab_size": 32000,
@@ -307,24 +578,25 @@ def main(argv=None) -> int:
                  "num_key_value_heads": 4, "head_dim": 64, "max_position_embeddings": 4096, "hidden_act": "relu2",
                  "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
     batch, seq, prompt, new = (2, 32, 8, 8) if args.quick else (8, 128, 16, 64)
+    big = (4, 64) if args.quick else (32, 512)  # GPT-2 forward on a GPU: 8 x 128 is tiny for one
     if args.quick:
         gpt2_raw = {**gpt2_raw, "n_layer": 2}
         arcee_raw = {**arcee_raw, "num_hidden_layers": 2}
-    rows = []
     for name, family, raw in [("GPT-2 124M", "gpt2", gpt2_raw), ("Arcee small (8 x 1024, GQA 16/4)", "arcee",
                                                                     arcee_raw)]:
-        print(f"benchmarking {name} ...", file=sys.stderr)
-        rows += bench_family(name, family, raw, batch, seq, prompt, new, args.repeats, limits)
-    print("compile times ...", file=sys.stderr)
-    compiles = compile_times(gpt2_raw, (2, 4) if args.quick else (4, 12, 48))
-    validation = validation_cost(gpt2_raw, args.repeats)
-    text = report(limits, rows, compiles, validation, args.threads, versions)
-    from params.io import atomic_write
-
-    with atomic_write(args.out, "w") as f:
-        f.write(text)
+        shapes = [(batch, seq), big] if dev.gpu and family == "gpt2" else [(batch, seq)]
+        stage(f"benchmarking {name}", lambda: bench_family(name, family, raw, shapes, prompt, new, args.repeats,
+                                                           limits, dev, rows))
+    state["compiles"] = stage("compile times", lambda: compile_times(gpt2_raw, (2, 4) if args.quick else (4, 12, 48)))
+    validate = (lambda: validation_cost(gpt2_raw, args.repeats))
+    state["validation"] = stage("validation cost", validate) if dev.gpu else validate()
+    if dev.simulate:
+        print(f"simulated cuda path: torch.cuda.synchronize called {dev.cuda.synchronize_calls} times",
+              file=sys.stderr)
+        assert dev.cuda.synchronize_calls > 0
+    text = write_report()
     print(text)
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
