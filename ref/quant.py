@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 F32 = jnp.float32
 
@@ -340,42 +339,62 @@ def int_layer_norm(x, scale, weight, bias, shift, training: bool = False, max_bi
 # --------------------------------------------------------------------------------------
 
 
-def quant_linear_int(kernel, bias, x_int32, prev_scale):
-    """QuantLinear on integers: x_int32 [..., in] int32 (8-bit values), int8 weights,
-    int32 accumulation plus the int32 bias -> (acc int32 [..., out], bias_scale)."""
+def int_matmul(subscripts: str, a, b):
+    """An integer einsum: int32 operands (holding 8/9-bit values), int32 accumulation.
+    Not int8 operands: XLA:GPU (jax 0.11.2, H200) computed an int8 x int8 -> int32 dot of
+    the goldens wrongly (one QuantLinear, every element; measured), int32 operands gave the
+    right integers there and on CPU."""
+    return jnp.einsum(subscripts, a.astype(jnp.int32), b.astype(jnp.int32), preferred_element_type=jnp.int32)
+
+
+def quant_linear_int(kernel, bias, x_int, prev_scale):
+    """QuantLinear on integers: x_int [..., in] (8-bit values) times the 8-bit weights,
+    int32 accumulation, plus the 32-bit bias in int64 (the sum can pass 2^31 where the bias
+    is near its clamp) -> (acc + bias int64 [..., out], bias_scale)."""
     w_int, b_int, bias_scale = quant_linear_weights(kernel, bias, prev_scale)
-    w8 = w_int.astype(jnp.int8)
-    acc = jnp.einsum("...i,oi->...o", x_int32.astype(jnp.int8), w8, preferred_element_type=jnp.int32)
-    return acc + b_int.astype(jnp.int32), bias_scale
+    w8 = w_int.astype(jnp.int8)  # the weights as an integer accelerator stores them
+    acc = int_matmul("...i,oi->...o", x_int, w8)
+    return acc.astype(jnp.int64) + b_int.astype(jnp.int64), bias_scale
 
 
 def requantize_int(z_int, pre_scale, num_bits: int, z_scale, identity_int=None, identity_scale=None):
-    """FixedPointMul on integers: (z * m) >> e with round-half-to-even, in int64, as the
-    dyadic multiplier m 2^-e = pre_scale / z_scale (a hardware integer requantizer)."""
+    """FixedPointMul on integers: round(z * m / 2^e) as a dyadic multiplier m 2^-e =
+    pre_scale / z_scale (a hardware integer requantizer), in int64. HF forms z * m in
+    float64, so products above 2^53 are rounded to 53 significant bits first (`round_f64`);
+    then a round-half-to-even shift, as torch.round. z_int [..., C], scales [1] or [C]."""
     n = 2 ** (num_bits - 1) - 1
     z_f32 = z_scale.astype(F32).astype(jnp.float64)
 
     def branch(z, s):
         s = s.reshape(-1)
-        m, e = frexp_multiplier(s.astype(jnp.float64) / z_f32)
-        return rounding_shift(z.astype(jnp.int64) * m.astype(jnp.int64), e.astype(jnp.int64))
+        m, e = _frexp_int(s.astype(jnp.float64) / z_f32)  # m in [2^30, 2^31]
+        # z beyond 32 bits (i-GELU's int64 output, float32-rounded: <= 24 significant bits)
+        # drops trailing zeros so that z m < 2^63; a net left shift saturates (z m >= 2^30)
+        z = z.astype(I64)
+        drop = jnp.maximum(_bits(jnp.abs(z)) - 32, 0)
+        shift = e - drop
+        out = rounding_shift(round_f64((z >> drop) * m), jnp.maximum(shift, 0))
+        return jnp.where(shift < 0, jnp.sign(z) << 40, out)
 
     out = branch(z_int, pre_scale)
     if identity_int is not None:
-        out = out + branch(identity_int, identity_scale)
+        out = branch(identity_int, identity_scale) + out
     return jnp.clip(out, -n - 1, n).astype(jnp.int32)
 
 
 def rounding_shift(v, e):
-    """round(v / 2^e), ties to even (torch.round), for int64 v and e >= 0 (e < 0 shifts left)."""
+    """round(v / 2^e), ties to even (torch.round), for int64 v; e < 0 shifts left. Shifts of
+    64 and more give 0 (|v| / 2^64 < 1/2); XLA's shifts by >= 64 bits would not."""
     e = jnp.broadcast_to(e, v.shape)
-    left = v << jnp.maximum(-e, 0)
-    e = jnp.maximum(e, 0)
+    left = v << jnp.clip(-e, 0, 63)
+    big = e > 63
+    e = jnp.clip(e, 0, 63)
     floor = v >> e
-    rem = v - (floor << e)
+    rem = v - (floor << e)  # in [0, 2^e): no overflow at e = 63 (floor is 0 or -1 there)
     half = jnp.where(e > 0, jnp.int64(1) << jnp.maximum(e - 1, 0), 0)
     up = (rem > half) | ((rem == half) & (e > 0) & ((floor & 1) == 1))
-    return jnp.where(e > 0, floor + up.astype(jnp.int64), left)
+    shifted = jnp.where(e > 0, floor + up.astype(jnp.int64), left)
+    return jnp.where(big, jnp.zeros_like(v), shifted)
 
 
 def int_sqrt(n):
@@ -424,6 +443,11 @@ def round_f32(v):
     return jnp.sign(v) * round_sig(jnp.abs(v), 24)
 
 
+def round_f64(v):
+    """The float64 nearest to int64 v, as an int64: v rounded to 53 significant bits."""
+    return jnp.sign(v) * round_sig(jnp.abs(v), 53)
+
+
 def _f32_quotient(a, b, bits: int = 24):
     """a / b (a >= 0, b > 0, int64) correctly rounded to `bits` significant bits -> (R, k)
     with the rounded quotient = R * 2^-k exactly. The floor quotient carries >= 26 bits and
@@ -466,23 +490,30 @@ def int_gelu_int(q, scale):
     return out, _div(scale * erf_scale, 2.0)
 
 
-def int_exp_int(x_int, scale):
-    """i-exp on integers (`IntSoftmax.int_exp`): x_int <= 0 int32/int64 -> (exp_int int64,
-    exp_scale). q = floor(x / x0) by integer division (equal to HF's floor of a float32
-    quotient while |x0_int| <= 2^18, i.e. scale >= 2.7e-6: the quotient's distance from an
-    integer, >= 1 / |x0_int|, then exceeds float32's rounding error below 32); the polynomial
-    (r + b) r + c in int64 with HF's float32 roundings; exp_int = z << (30 - q)."""
+def int_exp_parts(x_int, scale):
+    """i-exp on integers (`IntSoftmax.int_exp`) as a pair: x_int <= 0 int32/int64 ->
+    (z, t, exp_scale) with HF's exp_int = z * 2^t, z >= 0 and t = 30 - q in [0, 30].
+    q = floor(float32(x / x0)) from the correctly rounded quotient (HF's floor of its
+    float32 division); the polynomial (r + b) r + c in int64 with HF's float32 roundings.
+    Intermediates reach ~2.8 / scale^2, so int64 holds them for scale >= 2^-30."""
     x0_int = _const_int(jnp.floor(_rdiv(SOFTMAX_X0, scale)))  # < 0
     a, b, c = SOFTMAX_COEF
     b_int = _const_int(jnp.floor(_rdiv(b, scale)))
     c_int = _const_int(jnp.floor(_rdiv(c, scale * scale)))
     x = jnp.maximum(x_int.astype(I64), round_f32(SOFTMAX_CONST * x0_int))
-    q = x // x0_int  # both <= 0 (x0 < 0): q in [0, 30]
+    q = _floor_f32_quotient(-x, -x0_int)  # both >= 0 (x0 < 0): q in [0, 30]
     r = round_f32(x - round_f32(x0_int * q))  # in (x0_int, 0]
     z = round_f32(round_f32(round_f32(r + b_int) * r) + c_int)
-    exp_int = jnp.maximum(z, 0) << (SOFTMAX_CONST - q)
     poly_scale = jnp.asarray(a, scale.dtype) * (scale * scale)
-    return exp_int, _div(poly_scale, 2.0 ** SOFTMAX_CONST)
+    return jnp.maximum(z, 0), SOFTMAX_CONST - q, _div(poly_scale, 2.0 ** SOFTMAX_CONST)
+
+
+def int_exp_int(x_int, scale):
+    """i-exp on integers, exp_int materialized: (z << t, exp_scale) from `int_exp_parts`.
+    exp_int reaches ~2.8 / scale^2 * 2^30, so this needs scale >= 2^-15 (int64); the
+    softmax keeps the pair instead."""
+    z, t, exp_scale = int_exp_parts(x_int, scale)
+    return z << t, exp_scale
 
 
 def _frexp_int(ratio):
@@ -491,12 +522,13 @@ def _frexp_int(ratio):
     return m.astype(I64), e.astype(I64)
 
 
-def softmax_requantize_int(exp_int, exp_scale, z_scale, num_bits: int = 16):
+def softmax_requantize_int(exp_int, exp_scale, z_scale, num_bits: int = 16, exp_shift=0):
     """IntSoftmax's 16-bit QuantAct on integers. HF hands it exp_int as the *value* with
     exp_scale as its scale, so FixedPointMul computes round(round(exp_int / exp_scale) * m
     / 2^e), m 2^-e = exp_scale / z_scale, with exp_int / exp_scale a float32 (~2^110) and
     the product a float64: reproduced with a 24-bit integer quotient (mantissa Z, exponent
-    k), the 55-bit product Z m rounded to 53 bits, and a round-half-even shift."""
+    k), the 55-bit product Z m rounded to 53 bits, and a round-half-even shift.
+    The value is exp_int * 2^exp_shift (i-exp's pair from `int_exp_parts`)."""
     n = 2 ** (num_bits - 1) - 1
     exp_scale = exp_scale.reshape(-1)
     mant, ex = jnp.frexp(exp_scale.astype(jnp.float64))  # exp_scale = M 2^E, M a 24-bit integer
@@ -506,12 +538,12 @@ def softmax_requantize_int(exp_int, exp_scale, z_scale, num_bits: int = 16):
     a = exp_int.astype(I64)
     R, j = _f32_quotient(a, M)  # a / M = R 2^-j (float32-rounded)
     sh = jnp.maximum(_bits(R) - 24, 0)
-    Z, k = R >> sh, sh - j - E  # exact: R has <= 24 significant bits; exp_int / exp_scale = Z 2^k
-    # shifts capped at 62 (rounding_shift needs < 64): Z < 2^25 and Z m < 2^55 round to 0 there
-    Z = jnp.where(k < 0, rounding_shift(Z, jnp.clip(-k, 0, 62)), Z)  # torch.round of a small quotient
+    Z, k = R >> sh, sh - j - E + exp_shift  # exact: R has <= 24 significant bits; value / exp_scale = Z 2^k
+    inf = (Z > 0) & (_bits(Z) + k > 128)  # HF's float32 quotient overflows (tiny scales): inf -> n
+    Z = jnp.where(k < 0, rounding_shift(Z, -k), Z)  # torch.round of a small quotient
     k = jnp.maximum(k, 0)
-    out = rounding_shift(round_sig(Z * m, 53), jnp.clip(e - k, 0, 62))
-    out = jnp.where((e < k) & (Z > 0), n, out)  # a left shift: >= 2^53, saturates (no wraparound)
+    out = rounding_shift(round_sig(Z * m, 53), jnp.maximum(e - k, 0))
+    out = jnp.where(((e < k) & (Z > 0)) | inf, n, out)  # a left shift: >= 2^53, saturates (no wraparound)
     return jnp.clip(out, -n - 1, n)
 
 
@@ -521,9 +553,9 @@ def int_softmax_int(x_int, scale, act_min, act_max, output_bit: int = 8, max_bit
     (probs int64 in [0, 2^output_bit], scale). act_min/act_max: the 16-bit QuantAct range."""
     x = x_int.astype(I64)
     x = round_f32(x - x.max(axis=-1, keepdims=True))
-    exp_int, exp_scale = int_exp_int(x, scale)
+    z, t, exp_scale = int_exp_parts(x, scale)
     z_scale = symmetric_scale(16, act_min, act_max)
-    e16 = softmax_requantize_int(exp_int, exp_scale, z_scale)
+    e16 = softmax_requantize_int(z, exp_scale, z_scale, exp_shift=t)
     total = e16.sum(axis=-1, keepdims=True)  # exact in int64 (HF's float32 sum: exact below 2^24)
     R, k = _f32_quotient(jnp.broadcast_to(jnp.asarray(1, I64), total.shape), total)  # float32(1 / sum)
     factor = R >> (k - max_bit)  # floor(float32(1 / sum) * 2^32): HF's reciprocal, then * 2^32 (k = 61)
@@ -569,4 +601,4 @@ def int_layer_norm_int(q, scale, weight, bias, shift):
     return round_f32(out + bias_int), out_scale * weight
 
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in ("jax", "jnp", "np", "annotations")]
+__all__ = [name for name in dir() if not name.startswith("_") and name not in ("jax", "jnp", "annotations")]

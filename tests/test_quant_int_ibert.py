@@ -61,7 +61,15 @@ gelu_fake, gelu_int = jax.jit(quant.int_gelu), jax.jit(quant.int_gelu_int)
 exp_fake, exp_int = jax.jit(quant.int_exp), jax.jit(quant.int_exp_int)
 softmax_fake = jax.jit(lambda x, s, lo, hi: quant.int_softmax(x, s, quant.softmax_act(lo, hi)))
 softmax_int = jax.jit(quant.int_softmax_int)
-e16_int = jax.jit(lambda q, s, z_scale: quant.softmax_requantize_int(*quant.int_exp_int(q, s), z_scale))
+exp_parts = jax.jit(quant.int_exp_parts)
+
+
+def _e16(q, s, z_scale):
+    z, t, exp_scale = quant.int_exp_parts(q, s)
+    return quant.softmax_requantize_int(z, exp_scale, z_scale, exp_shift=t)
+
+
+e16_int = jax.jit(_e16)
 ln_fake, ln_int = jax.jit(quant.int_layer_norm, static_argnames=("training",)), jax.jit(quant.int_layer_norm_int)
 
 
@@ -109,7 +117,7 @@ def exp_bounds(scale):
     x0 = _c(jnp.floor(quant._rdiv(quant.SOFTMAX_X0, scale)))
     b_int, c_int = _c(jnp.floor(quant._rdiv(b, scale))), _c(jnp.floor(quant._rdiv(c, scale * scale)))
     z = (x0 + b_int) * x0 + c_int + 1
-    return {"x": 30 * x0, "(r + b) r + c": z, "exp_int": z << 30, "x0_int": x0}
+    return {"x": 30 * x0, "(r + b) r + c": z, "x0_int": x0}  # exp_int = z << (30 - q): see int_exp_int
 
 
 def softmax_bounds(S):
@@ -171,13 +179,32 @@ def test_int_exp_equals_fake_quant(seed, log_scale):
     rng = np.random.default_rng(seed)
     s = jnp.asarray([10.0 ** log_scale], F32)
     b = exp_bounds(s)
-    assert b["x0_int"] <= 2 ** 18  # integer q = x // x0 equals HF's floor(float32(x / x0))
     x_int = -rng.integers(0, 40 * b["x0_int"], (512,))
     fake, fake_scale = exp_fake(jnp.asarray(x_int, F32), s)
     ints, exp_scale = exp_int(jnp.asarray(x_int, jnp.int32), s)
     np.testing.assert_array_equal(np.asarray(exp_scale), np.asarray(fake_scale))
     np.testing.assert_array_equal(np.asarray(ints).astype(np.float64), np.asarray(fake).astype(np.float64))
-    assert_fits(b, ints)
+    assert_fits({**b, "exp_int": b["(r + b) r + c"] << 30}, ints)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(0, 2 ** 31), st.floats(math.log10(2 ** -30), -2.0))
+def test_int_exp_parts_equal_fake_quant_down_to_tiny_scales(seed, log_scale):
+    """The pair (z, t) with exp_int = z 2^t, which IntSoftmax uses: exact for scale down to
+    2^-30 (exp_int itself reaches 2^92 there), on x_int in [-40 |x0_int|, 0] and near the
+    multiples of x0_int, where q = floor(float32(x / x0)) is decided by float32 rounding."""
+    rng = np.random.default_rng(seed)
+    s = jnp.asarray([10.0 ** log_scale], F32)
+    x0 = exp_bounds(s)["x0_int"]
+    near = np.arange(1, 31)[:, None] * x0 + np.arange(-3, 4)[None, :]  # around q x0
+    x_int = -np.concatenate([rng.integers(0, 40 * x0, (302,)), near.reshape(-1)])
+    x_f32 = jnp.asarray(x_int, F32)  # HF's x_int is a float32: integers above 2^24 come rounded
+    fake, fake_scale = exp_fake(x_f32, s)
+    z, t, exp_scale = exp_parts(x_f32.astype(I64), s)
+    np.testing.assert_array_equal(np.asarray(exp_scale), np.asarray(fake_scale))
+    got = np.asarray(z).astype(np.float64) * 2.0 ** np.asarray(t)
+    np.testing.assert_array_equal(got, np.asarray(fake).astype(np.float64))
+    assert int(np.asarray(z).max()) < 2 ** 62 and np.all((np.asarray(t) >= 0) & (np.asarray(t) <= 30))
 
 
 def softmax_pair(q, s, keep, act_range_frac):
@@ -201,12 +228,13 @@ def softmax_pair(q, s, keep, act_range_frac):
 
 
 @settings(max_examples=12, deadline=None)
-@given(st.integers(0, 2 ** 31), st.floats(math.log10(3e-5), math.log10(3e-3)), st.integers(2, 48),
+@given(st.integers(0, 2 ** 31), st.floats(math.log10(2 ** -30), math.log10(3e-3)), st.integers(2, 48),
        st.floats(0.05, 30.0), st.floats(0.3, 1.0))
 def test_int_softmax_equals_fake_quant(seed, log_scale, length, spread, frac):
     """Integer scores spread over `spread` |x0_int| (x0_int = floor(-ln2 / s)), keys beyond
     `length` and ~20% of the rest masked (one compiled shape, S = 48), score scales
-    s = s_q s_k / sqrt(H) in [3e-5, 3e-3] (goldens: 1.1e-4..2.3e-4)."""
+    s = s_q s_k / sqrt(H) in [2^-30, 3e-3] (goldens: 1.1e-4..2.3e-4; small weights give
+    1e-6 and below)."""
     S = 48
     rng = np.random.default_rng(seed)
     s = jnp.asarray([10.0 ** log_scale], F32)
@@ -221,7 +249,10 @@ def test_int_softmax_equals_fake_quant(seed, log_scale, length, spread, frac):
     np.testing.assert_array_equal(to_int(ints)[rows], fake[rows])
     assert np.abs(to_int(ints) - fake).max() <= SOFTMAX_STEP
     assert np.all(to_int(ints) >= 0) and np.all(to_int(ints) <= 256)
-    assert np.all(to_int(ints)[~keep] == 0)
+    if log_scale > math.log10(2e-5):
+        assert np.all(to_int(ints)[~keep] == 0)
+    # below ~1.3e-5, exp_int / exp_scale (~7.8 2^60 / s^4) overflows HF's float32 to inf and
+    # every 16-bit exp saturates: HF's attention turns uniform over all keys, masked ones too
     assert_fits({**softmax_bounds(S), **exp_bounds(s)})
     fake, ints, _ = softmax_pair(q, s, keep, frac)  # raw q: round trip inexact on some scores
     assert np.abs(to_int(ints) - fake).max() <= SOFTMAX_STEP
