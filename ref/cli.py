@@ -2,7 +2,7 @@
 
     refjax verify   [--golden DIR] [--only SUBSTRING ...]
     refjax forward  CHECKPOINT_DIR (--text TEXT | --inputs IN.safetensors) --out OUT.safetensors
-                    [--dtype float32|float64|bfloat16] [--taps]
+                    [--dtype float32|float64|bfloat16] [--taps] [--integer] [--propagate-scales]
     refjax generate CHECKPOINT_DIR (--prompt TEXT | --inputs IN.safetensors) [--max-new-tokens N]
                     [--do-sample] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                     [--out OUT.safetensors] [--dtype ...]
@@ -155,15 +155,20 @@ def cmd_forward(args) -> int:
 
     _check_out_path(args.out)
     ckpt = _load(args.checkpoint, args.dtype)
+    options = {k: True for k in ("integer", "propagate_scales") if getattr(args, k)}
+    if options and ckpt.family != "ibert":
+        flags = " ".join("--" + k.replace("_", "-") for k in options)
+        raise UsageError(f"{flags} is for I-BERT quant-mode checkpoints; {args.checkpoint!r} is {ckpt.family}")
     if args.text is not None:
         ids = tokenizer_lib.encode(_tokenizer(args.checkpoint, "--text"), args.text)
         inputs = {"input_ids": jnp.asarray([ids], dtype=jnp.int32)}
     else:
         inputs = _read_inputs(args.inputs)
     out = FAMILIES[ckpt.family].forward(ckpt.params, ckpt.config, **inputs, output_hidden_states=True,
-                                        output_attentions=True, taps=args.taps)
+                                        output_attentions=True, taps=args.taps, **options)
     tensors, order = forward_dump(ckpt.family, out)
-    io.write_safetensors(args.out, tensors, {**_metadata(ckpt, args.dtype), "order": json.dumps(order)})
+    extra = {"options": json.dumps(options)} if options else {}
+    io.write_safetensors(args.out, tensors, {**_metadata(ckpt, args.dtype), "order": json.dumps(order), **extra})
     print(f"wrote {len(tensors)} tensors to {args.out}", file=sys.stderr)
     return 0
 
@@ -311,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT.safetensors")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--taps", action="store_true", help="also write every named intermediate")
+    p.add_argument("--integer", action="store_true",
+                   help="I-BERT quant mode: run the integer-only encoder (int8/int32 arithmetic, true scales)")
+    p.add_argument("--propagate-scales", action="store_true",
+                   help="I-BERT quant mode: hand each layer its input's true scale (HF hands every layer "
+                        "the embedding's)")
     p.set_defaults(func=cmd_forward)
 
     p = sub.add_parser("generate", help="decode new tokens with a language-model head")

@@ -8,8 +8,11 @@ float tensor equal to integers * s, s [1] or [D] (None in float mode). `force_de
 switches GELU, softmax and/or LayerNorm back to float (`config.quantized(...)`).
 
 The activation ranges (HF's QuantAct buffers) are the explicit state `params.state`;
-`calibrate` is HF's train-mode range update as a pure function. Reads top to bottom:
-quantization context -> embeddings -> attention -> layer -> encoder -> heads -> forward.
+`calibrate` is HF's train-mode range update as a pure function. Beyond HF:
+`integer_encoder` computes the quant-mode encoder on integer tensors (int8/int32, int64
+inside i-GELU, i-exp and LayerNorm), with each layer handed its input's true scale, which
+HF does not do (`propagate_scales`). Reads top to bottom: quantization context ->
+embeddings -> attention -> layer -> encoder -> integer-only encoder -> heads -> forward.
 """
 
 from __future__ import annotations
@@ -199,9 +202,10 @@ TAPS = ("embeddings.word_embeddings", "embeddings.LayerNorm", "embeddings",
 
 
 def encoder(params: IBertParams, config: IBertConfig, state: IBertQuantState, input_ids, attention_mask,
-            token_type_ids, position_ids, inputs_embeds, training=False, want_taps=False):
+            token_type_ids, position_ids, inputs_embeds, training=False, want_taps=False, propagate_scales=False):
     """HF `IBertModel` without the pooler: -> (last [B, T, D], hidden_states [L+1, B, T, D],
-    attentions [L, B, N, T, T], new state, taps)."""
+    attentions [L, B, N, T, T], new state, taps). `propagate_scales`: hand each layer its
+    input's true scale (the previous layer's output scale) instead of HF's embedding scale."""
     p = params.ibert
     B, T = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
     dtype = p.embeddings.word_embeddings.table.dtype
@@ -220,10 +224,10 @@ def encoder(params: IBertParams, config: IBertConfig, state: IBertQuantState, in
         x, s = carry
         p_layer, st_layer = xs
         ql = QuantContext(st_layer, config.quant_mode, training)
-        out, _, probs, taps = layer(config, p_layer, ql, x, s, mask_add)
-        # HF quirk, reproduced: IBertLayer drops its output's scaling factor, so every layer
-        # is told the *embedding* output's scale (x / s is then not an integer after layer 0)
-        return (out, s), (x, probs, ql.state, taps if want_taps else None)
+        out, out_s, probs, taps = layer(config, p_layer, ql, x, s, mask_add)
+        # HF quirk, reproduced by default: IBertLayer drops its output's scaling factor, so every
+        # layer is told the *embedding* output's scale (x / s is then not an integer after layer 0)
+        return (out, out_s if propagate_scales else s), (x, probs, ql.state, taps if want_taps else None)
 
     (last, _), (inputs, attentions, layer_state, layer_taps) = jax.lax.scan(step, (x, s), (p.layer, state.layer))
     hidden_states = jnp.concatenate([inputs, last[None]], axis=0)
@@ -235,7 +239,140 @@ def encoder(params: IBertParams, config: IBertConfig, state: IBertQuantState, in
 
 # One compiled encoder per (config, shapes, mode): eager calls (the CLI, verify, tests) would
 # otherwise retrace the layer scan and its inner summation scans at every call.
-_encoder_jit = jax.jit(encoder, static_argnames=("config", "training", "want_taps"))
+_encoder_jit = jax.jit(encoder, static_argnames=("config", "training", "want_taps", "propagate_scales"))
+
+
+# --------------------------------------------------------------------------------------
+# Integer-only encoder (beyond HF: HF simulates integers with float tensors)
+#
+# The same modules on integer tensors: an activation is (q, s) with q int32 (8/16/22-bit
+# values; int64 out of i-GELU and LayerNorm) and s its float32 scale. Scales, weights'
+# integers and the kernels' constants depend only on parameters and state (what an integer
+# accelerator receives offline) and are computed by the fake-quant code, so they are HF's
+# bit for bit; everything that touches the input ids is integer arithmetic (tested on the
+# jaxpr in tests/test_integer_ibert.py). Each layer gets its input's true scale (the fake-quant
+# twin is `encoder(..., propagate_scales=True)`).
+# --------------------------------------------------------------------------------------
+
+
+class IntContext:
+    """HF's QuantAct (eval) on integers: requantize (z, pre_scale) to `name`'s range."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def scale(self, name: str, bits: int):
+        return quant.symmetric_scale(bits, self.state[f"{name}.x_min"], self.state[f"{name}.x_max"])
+
+    def act(self, name: str, bits: int, z, pre_scale, identity=None, identity_scale=None):
+        s = self.scale(name, bits)
+        return quant.requantize_int(z, pre_scale, bits, s, identity, identity_scale), s
+
+
+def int_embeddings(p: IBertBody, q: IntContext, input_ids, token_type_ids, position_ids):
+    """`IBertEmbeddings` on integers: int8 table rows, two 16-bit requantizations (words +
+    types, + positions), integer LayerNorm, 8-bit output. -> (q [B, T, D] int32, s [1])."""
+    e = p.embeddings
+
+    def embed(table, ids):  # QuantEmbedding: per-tensor 8-bit table, rows looked up as int8
+        table_scale = quant.weight_scale(table, 8, per_channel=False)
+        return jnp.take(quant.symmetric_quantize(table, 8, table_scale).astype(jnp.int8), ids, axis=0), table_scale
+
+    words, words_s = embed(e.word_embeddings.table, input_ids)
+    types, types_s = embed(e.token_type_embeddings.table, token_type_ids)
+    positions, positions_s = embed(e.position_embeddings.table, position_ids)
+    x, s = q.act("embeddings_act1", 16, words, words_s, identity=types, identity_scale=types_s)
+    x, s = q.act("embeddings_act1", 16, x, s, identity=positions, identity_scale=positions_s)
+    y, ys = quant.int_layer_norm_int(x, s, e.LayerNorm.scale, e.LayerNorm.bias, q.state["LayerNorm.shift"])
+    return q.act("output_activation", 8, y, ys)
+
+
+def int_attention(config: IBertConfig, p: IBertLayer, q: IntContext, x, s, keep):
+    """`IBertSelfAttention` on integers: int8 q/k/v, int32 q.k scores, integer softmax
+    (8-bit probabilities), int32 probs @ v. x [B, T, D] int32, keep [B, 1, 1, S] bool
+    -> (context [B, T, D] int32, s, probs [B, N, T, S] int64 in [0, 256], probs_scale)."""
+    B, T, D = x.shape
+    N, H = config.num_attention_heads, config.head_dim
+    a = p.attention_self
+    proj = {}
+    for name in ("query", "key", "value"):
+        acc, acc_s = quant.quant_linear_int(getattr(a, name).kernel, getattr(a, name).bias, x, s)
+        proj[name] = q.act(f"attention.self.{name}_activation", 8, acc, acc_s)
+    (qx, qs), (kx, ks), (vx, vs) = proj["query"], proj["key"], proj["value"]
+    heads_of = lambda t: t.reshape(B, T, N, H).transpose(0, 2, 1, 3)  # [B, N, T, H]
+    scores = quant.int_matmul("bnth,bnsh->bnts", heads_of(qx), heads_of(kx))  # 8-bit x 8-bit
+    scores_scale = quant._div(qs * ks, math.sqrt(H))
+    # a masked key: far below any row's max - 30 |x0_int|, where i-exp's clamp gives HF's value;
+    # a row with no key at all becomes uniform, as in the fake-quant path (docs/design.md)
+    scores = jnp.where(keep, scores.astype(jnp.int64), jnp.int64(-(2 ** 40)))
+    probs, probs_s = quant.int_softmax_int(scores, scores_scale, q.state["attention.self.softmax.act.x_min"],
+                                           q.state["attention.self.softmax.act.x_max"])  # [B, N, T, S]
+    context = quant.int_matmul("bnts,bnsh->bnth", probs, heads_of(vx))  # 9-bit x 8-bit: [B, N, T, H]
+    context = context.transpose(0, 2, 1, 3).reshape(B, T, D)
+    out, out_s = q.act("attention.self.output_activation", 8, context, probs_s * vs)
+    taps = {"attention.self.query": (qx, qs), "attention.self.key": (kx, ks), "attention.self.value": (vx, vs),
+            "attention.self.softmax": (probs, probs_s), "attention.self": (out, out_s)}
+    return out, out_s, probs, probs_s, taps
+
+
+def int_self_output(q: IntContext, prefix: str, dense: Linear, ln: LayerNorm, h, hs, residual, rs):
+    """`IBertSelfOutput` / `IBertOutput` on integers: int32 dense, + residual requantized
+    to 22 bits, integer LayerNorm, 8 bits."""
+    acc, acc_s = quant.quant_linear_int(dense.kernel, dense.bias, h, hs)
+    r, r_s = q.act(f"{prefix}.ln_input_act", 22, acc, acc_s, identity=residual, identity_scale=rs)
+    y, ys = quant.int_layer_norm_int(r, r_s, ln.scale, ln.bias, q.state[f"{prefix}.LayerNorm.shift"])
+    out, out_s = q.act(f"{prefix}.output_activation", 8, y, ys)
+    return out, out_s, {f"{prefix}.dense": (acc, acc_s), f"{prefix}.ln_input_act": (r, r_s),
+                        f"{prefix}.LayerNorm": (y, ys), prefix: (out, out_s)}
+
+
+def int_layer(config: IBertConfig, p: IBertLayer, q: IntContext, x, s, keep):
+    """`IBertLayer` on integers -> (out [B, T, D] int32 8-bit values, s, probs, probs_scale)."""
+    ctx, cs, probs, probs_s, taps = int_attention(config, p, q, x, s, keep)
+    a, a_s, t = int_self_output(q, "attention.output", p.attention_output.dense, p.attention_output.LayerNorm,
+                                ctx, cs, x, s)
+    taps.update(t)
+    a, a_s = q.act("pre_intermediate_act", 8, a, a_s)
+    acc, acc_s = quant.quant_linear_int(p.intermediate.kernel, p.intermediate.bias, a, a_s)
+    g, gs = quant.int_gelu_int(acc, acc_s)  # int64
+    i, i_s = q.act("intermediate.output_activation", 8, g, gs)
+    i, i_s = q.act("pre_output_act", 8, i, i_s)
+    out, out_s, t = int_self_output(q, "output", p.output.dense, p.output.LayerNorm, i, i_s, a, a_s)
+    taps.update(t)
+    taps.update({"pre_intermediate_act": (a, a_s), "intermediate.dense": (acc, acc_s),
+                 "intermediate.intermediate_act_fn": (g, gs), "intermediate": (i, i_s), "": (out, out_s)})
+    return out, out_s, probs, probs_s, taps
+
+
+def integer_encoder(params: IBertParams, config: IBertConfig, state: IBertQuantState, input_ids, attention_mask,
+                    token_type_ids=None, position_ids=None, want_taps=False):
+    """The I-BERT encoder computed in integers end to end: input ids -> (hidden [L+1, B, T, D]
+    int32 (8-bit values), their scales [L+1, 1], probs [L, B, N, T, T] int64 (integers of
+    2^-8), probs_scale [1], taps: each module's (integers [L, ...], scale [L, 1 or C]) under
+    `TAPS` names, or None). Needs quant_mode with force_dequant="none"."""
+    p = params.ibert
+    B, T = input_ids.shape
+    if position_ids is None:
+        position_ids = position_ids_from(config, input_ids, None)
+    if token_type_ids is None:
+        token_type_ids = jnp.zeros((B, T), jnp.int32)
+    keep = (jnp.ones((B, T), bool) if attention_mask is None else attention_mask != 0)[:, None, None, :]
+    x, s = int_embeddings(p, IntContext(state.embeddings), input_ids, token_type_ids, position_ids)
+
+    def step(carry, xs):
+        x, s = carry
+        p_layer, st_layer = xs
+        out, out_s, probs, probs_s, taps = int_layer(config, p_layer, IntContext(st_layer), x, s, keep)
+        return (out, out_s), (x, s, probs, probs_s, taps if want_taps else None)
+
+    (last, last_s), (inputs, scales, probs, probs_s, taps) = jax.lax.scan(step, (x, s), (p.layer, state.layer))
+    hidden = jnp.concatenate([inputs, last[None]], axis=0)
+    if want_taps:
+        taps = {f"encoder.layer.{k}" if k else "encoder.layer": v for k, v in taps.items()}
+    return hidden, jnp.concatenate([scales, last_s[None]], axis=0), probs, probs_s[0], taps
+
+
+_integer_encoder_jit = jax.jit(integer_encoder, static_argnames=("config", "want_taps"))
 
 
 # --------------------------------------------------------------------------------------
@@ -266,10 +403,12 @@ def _flat(x):
 
 
 def calibrate(params: IBertParams, config: IBertConfig, state: IBertQuantState, input_ids=None,
-              attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None) -> IBertQuantState:
+              attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+              propagate_scales=False) -> IBertQuantState:
     """One calibration batch: HF's model in train mode with dropout off, as a pure function
     (state -> state). Every QuantAct moves its range to the batch's min/max (first batch)
-    or by EMA (momentum 0.95); quantized LayerNorms raise their shift on overflow."""
+    or by EMA (momentum 0.95); quantized LayerNorms raise their shift on overflow.
+    `propagate_scales=True` calibrates the scale-propagating model that `integer=True` runs."""
     x = as_arrays(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                   position_ids=position_ids, inputs_embeds=inputs_embeds)
     input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = x.values()
@@ -279,22 +418,36 @@ def calibrate(params: IBertParams, config: IBertConfig, state: IBertQuantState, 
         input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = map(
             _flat, (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds))
     return _encoder_jit(params, config, state, input_ids, attention_mask, token_type_ids, position_ids,
-                        inputs_embeds, training=True)[3]
+                        inputs_embeds, training=True, propagate_scales=propagate_scales)[3]
 
 
 def forward(params: IBertParams, config: IBertConfig, input_ids=None, attention_mask=None, token_type_ids=None,
             position_ids=None, inputs_embeds=None, labels=None, start_positions=None, end_positions=None,
             cache=None, *, state: IBertQuantState | None = None, output_hidden_states=False,
-            output_attentions=False, taps=False, fast=False) -> heads.Output:
+            output_attentions=False, taps=False, fast=False, propagate_scales=False,
+            integer=False) -> heads.Output:
     """Any HF I-BERT class, chosen by `config.architecture`; returns HF's output fields.
 
     `state`: activation ranges (default `params.state`, as loaded from the checkpoint).
     IBertForMultipleChoice takes [B, C, T] inputs; its hidden states are [L+1, B*C, T, D]
-    as HF returns them."""
+    as HF returns them. Quant mode only: `propagate_scales=True` fixes HF's scale hand-off
+    between layers (see `encoder`); `integer=True` runs `integer_encoder` (int8/int32
+    arithmetic, true scales) and dequantizes its integers (q * s) for the float heads."""
     if cache is not None:
         raise ValueError("I-BERT is an encoder: it takes no cache")
     if fast:
         raise ValueError("I-BERT has no fast path: its attention is integer softmax (use fast=False)")
+    if (integer or propagate_scales) and not config.quant_mode:
+        raise ValueError(f"{'integer' if integer else 'propagate_scales'}=True needs a quant_mode=True model "
+                         f"(this config has quant_mode=False)")
+    if integer:
+        if config.force_dequant != "none":
+            raise ValueError(f"integer=True needs every nonlinearity integer-only, but force_dequant="
+                             f"{config.force_dequant!r} makes some float (use force_dequant='none')")
+        if inputs_embeds is not None:
+            raise ValueError("integer=True takes input_ids: inputs_embeds are float vectors, not table rows")
+        if taps:
+            raise ValueError("integer=True has no taps: ref.ibert.integer_encoder returns every layer's integers")
     x = as_arrays(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                   position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
                   start_positions=start_positions, end_positions=end_positions)
@@ -326,9 +479,16 @@ def forward(params: IBertParams, config: IBertConfig, input_ids=None, attention_
         input_ids, attention_mask, token_type_ids, position_ids = map(
             _flat, (input_ids, attention_mask, token_type_ids, position_ids))
     state = params.state if state is None else state
-    last, hidden_states, attentions, _, tap_values = _encoder_jit(
-        params, config, state, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-        want_taps=taps)
+    if integer:
+        dtype = params.ibert.embeddings.word_embeddings.table.dtype
+        hidden_q, hidden_s, probs_q, probs_s, _ = _integer_encoder_jit(
+            params, config, state, input_ids, attention_mask, token_type_ids, position_ids)
+        hidden_states = hidden_q.astype(dtype) * hidden_s.reshape(-1, 1, 1, 1)  # [L+1, B, T, D]
+        last, attentions, tap_values = hidden_states[-1], probs_q.astype(dtype) * probs_s, None
+    else:
+        last, hidden_states, attentions, _, tap_values = _encoder_jit(
+            params, config, state, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+            want_taps=taps, propagate_scales=propagate_scales)
     out = dict(last_hidden_state=last, taps=tap_values,
                hidden_states=hidden_states if output_hidden_states else None,
                attentions=attentions if output_attentions else None)

@@ -122,26 +122,30 @@ def run_case(golden_dir: str, case: str) -> Iterator[Row]:
         inputs = {k: jnp.asarray(golden[k]) for k in INPUT_NAMES if k in golden}
         if "inputs_embeds" in inputs:
             inputs["inputs_embeds"] = inputs["inputs_embeds"].astype(dtype)
-        with jax.default_matmul_precision("highest"):
-            out = family.forward(ckpt.params, ckpt.config, **inputs, output_hidden_states=True,
-                                 output_attentions=True)
-        for key in sorted(k for k in golden if k.startswith(dtype + "/")):
-            field = key.split("/", 1)[1]
-            name, _, index = field.partition(".")
-            ours = getattr(out, name)
-            if index:
-                ours = ours[int(index)]
-            tol, note = TOLERANCE[dtype], ""
-            if exact_note(ckpt.config, name):
-                tol, note = 0.0, exact_note(ckpt.config, name)
-            if dtype == "float64" and ckpt.family in FLOAT64_IS_FLOAT32_ACCURATE:
-                tol, note = TOLERANCE["float32"], FLOAT64_IS_FLOAT32_ACCURATE[ckpt.family]
-            elif name == "loss" and dtype == "float64" and golden[key].dtype == np.float32:
-                tol, note = TOLERANCE["float32"], "HF computes this loss in fp32"
-            skip_nan = dtype == "float64" and ckpt.family in NAN_IN_FLOAT64_GOLDEN
-            yield compare(case, dtype, field, ours, np.asarray(golden[key]), tol, note, skip_nan)
+        # a case may name the forward options it was made for (e.g. I-BERT's propagate_scales,
+        # integer): each variant is compared against the same HF tensors, its options in the name
+        for options in json.loads(metadata.get("forward_variants", "[{}]")):
+            with jax.default_matmul_precision("highest"):
+                out = family.forward(ckpt.params, ckpt.config, **inputs, **options, output_hidden_states=True,
+                                     output_attentions=True)
+            tag = "".join(f" [{k}={v}]" for k, v in options.items())
+            for key in sorted(k for k in golden if k.startswith(dtype + "/")):
+                field = key.split("/", 1)[1]
+                name, _, index = field.partition(".")
+                ours = getattr(out, name)
+                if index:
+                    ours = ours[int(index)]
+                tol, note = TOLERANCE[dtype], ""
+                if exact_note(ckpt.config, name):
+                    tol, note = 0.0, exact_note(ckpt.config, name)
+                if dtype == "float64" and ckpt.family in FLOAT64_IS_FLOAT32_ACCURATE:
+                    tol, note = TOLERANCE["float32"], FLOAT64_IS_FLOAT32_ACCURATE[ckpt.family]
+                elif name == "loss" and dtype == "float64" and golden[key].dtype == np.float32:
+                    tol, note = TOLERANCE["float32"], "HF computes this loss in fp32"
+                skip_nan = dtype == "float64" and ckpt.family in NAN_IN_FLOAT64_GOLDEN
+                yield compare(case, dtype, field + tag, ours, np.asarray(golden[key]), tol, note, skip_nan)
     if "calibrate.input_ids.0" in golden:
-        yield from _check_calibration(case_dir, case, golden)
+        yield from _check_calibration(case_dir, case, golden, json.loads(metadata.get("calibrate_kwargs", "{}")))
     if "rope.inv_freq" in golden:
         yield from _check_rope(case_dir, case, golden)
     if "generate.sequences" in golden:
@@ -173,9 +177,10 @@ def _check_generation(golden_dir: str, case: str, golden) -> Iterator[Row]:
                   "cached decoding vs HF full forward")
 
 
-def _check_calibration(case_dir: str, case: str, golden) -> Iterator[Row]:
-    """Activation ranges: the family's `calibrate` from the initial state over the recorded
-    train-mode batches must give exactly the state HF saved (its calibrated buffers)."""
+def _check_calibration(case_dir: str, case: str, golden, options: dict) -> Iterator[Row]:
+    """Activation ranges: the family's `calibrate(..., **options)` from the initial state
+    over the recorded train-mode batches must give exactly the state HF saved (its
+    calibrated buffers)."""
     import importlib
 
     ckpt = checkpoint_lib.load_checkpoint(case_dir, dtype=jnp.float32)
@@ -186,7 +191,7 @@ def _check_calibration(case_dir: str, case: str, golden) -> Iterator[Row]:
     while f"calibrate.input_ids.{k}" in golden:
         batch = {name: jnp.asarray(golden[f"calibrate.{name}.{k}"]) for name in INPUT_NAMES
                  if f"calibrate.{name}.{k}" in golden}
-        state = module.calibrate(ckpt.params, ckpt.config, state, **batch)
+        state = module.calibrate(ckpt.params, ckpt.config, state, **batch, **options)
         k += 1
     ours = dict(io.tree_paths(state))
     tol, note = module.calibration_tolerance(ckpt.config)

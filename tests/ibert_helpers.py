@@ -8,8 +8,10 @@ import tempfile
 import numpy as np
 
 
-def build_and_save(arch: str, config_kwargs: dict, seed: int, calibration: list[dict] | None = None):
-    """HF model (eval mode) saved to a temp dir -> (model, directory)."""
+def build_and_save(arch: str, config_kwargs: dict, seed: int, calibration: list[dict] | None = None,
+                   patch=None):
+    """HF model (eval mode) saved to a temp dir -> (model, directory). `patch(model)` is
+    applied before calibration (e.g. `propagate_hf_scales`)."""
     import torch
     import transformers
 
@@ -25,6 +27,8 @@ def build_and_save(arch: str, config_kwargs: dict, seed: int, calibration: list[
             ln = name.endswith("LayerNorm.weight") or name.endswith("layer_norm.weight")
             p.copy_((1.0 if ln else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
     model.tie_weights()
+    if patch is not None:
+        patch(model)
     if calibration:
         model.train()
         with torch.no_grad():
@@ -34,6 +38,17 @@ def build_and_save(arch: str, config_kwargs: dict, seed: int, calibration: list[
     directory = tempfile.mkdtemp(prefix="ibert-")
     model.save_pretrained(directory, safe_serialization=True)
     return model, directory
+
+
+def propagate_hf_scales(model):
+    """tools/golden_ibert.py's patch (HF I-BERT handing each layer its true input scale),
+    the one the `quant-propagated-*` goldens were made with."""
+    import importlib
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    return importlib.import_module("golden_ibert").propagate_hf_scales(model)
 
 
 def padded_batch(rng, shape, vocab, pad):
@@ -46,3 +61,27 @@ def padded_batch(rng, shape, vocab, pad):
     low = pad + 1
     ids = np.where(mask == 1, rng.integers(low, vocab, size=shape), pad).astype(np.int64)
     return {"input_ids": ids, "attention_mask": mask}
+
+
+# The requantized activations of a layer, in the order the model computes them
+REQUANTIZED = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.self.softmax",
+               "attention.self", "attention.output", "pre_intermediate_act", "intermediate", "")
+
+
+def first_divergence(fake_taps, int_taps, n_layers):
+    """Fake-quant taps (ibert.forward(..., taps=True)) against the integer path's
+    (ibert.integer_encoder(..., want_taps=True)): (layer, module, max |int - fake| in
+    integer steps) at the first requantized activation where they differ, or None."""
+    import jax.numpy as jnp
+
+    from ref import quant
+
+    for layer in range(n_layers):
+        for module in REQUANTIZED:
+            name = f"encoder.layer.{module}" if module else "encoder.layer"
+            ints, scale = int_taps[name]
+            q = np.asarray(ints[layer], np.float64)
+            fake = np.round(np.asarray(quant._div(jnp.asarray(fake_taps[name][layer]), scale[layer]), np.float64))
+            if not np.array_equal(fake, q):
+                return layer, module, float(np.abs(fake - q).max())
+    return None

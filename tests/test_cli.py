@@ -61,6 +61,40 @@ def test_forward_inputs_file_matches_golden(capsys, tmp_path):
     np.testing.assert_allclose(out["loss"], golden["float64/loss"], rtol=1e-6)  # HF's loss is fp32 (see ref/verify.py)
 
 
+def test_forward_integer_ibert_matches_patched_hf_golden(capsys, tmp_path):
+    """`--integer` on a calibrated quant-mode I-BERT directory: the integer-only encoder's
+    hidden states and attentions equal the scale-propagating HF golden bit for bit."""
+    case = os.path.join(GOLDEN, "ibert", "quant-propagated-seqcls")
+    golden, _ = read_safetensors(os.path.join(case, "golden.safetensors"))
+    inputs = tmp_path / "in.safetensors"
+    write_safetensors(inputs, {k: golden[k] for k in ("input_ids", "attention_mask")})
+    out_path = tmp_path / "out.safetensors"
+    code, _, err = run(capsys, "forward", case, "--inputs", str(inputs), "--out", str(out_path), "--integer")
+    assert code == 0, err
+    out, meta = read_safetensors(out_path)
+    assert json.loads(meta["options"]) == {"integer": True}
+    for i in range(4):
+        np.testing.assert_array_equal(out[f"hidden_states.{i}"], golden[f"float32/hidden_states.{i}"])
+    for i in range(3):
+        np.testing.assert_array_equal(out[f"attentions.{i}"], golden[f"float32/attentions.{i}"])
+
+
+@pytest.mark.parametrize("case, flag, message", [
+    ("gpt2/lm", "--integer", "--integer is for I-BERT quant-mode checkpoints"),
+    ("ibert/seqcls", "--integer", "needs a quant_mode=True model"),
+    ("ibert/quant-dequant-gelu", "--integer", "force_dequant='gelu'"),
+    ("ibert/seqcls", "--propagate-scales", "needs a quant_mode=True model"),
+])
+def test_forward_integer_flags_refuse_other_models(capsys, tmp_path, case, flag, message):
+    out_path = tmp_path / "out.safetensors"
+    inputs = tmp_path / "in.safetensors"
+    write_safetensors(inputs, {"input_ids": np.array([[5, 6, 7]], np.int64)})
+    code, out, err = run(capsys, "forward", os.path.join(GOLDEN, case), "--inputs", str(inputs), "--out",
+                         str(out_path), flag)
+    assert code == 2 and err.startswith("refjax: error: ") and message in err, err
+    assert not out_path.exists()
+
+
 def test_forward_text_with_taps(capsys, tmp_path):
     out_path = tmp_path / "out.safetensors"
     code, _, err = run(capsys, "forward", os.path.join(GOLDEN, "gpt2", "lm"), "--text", "Hello world",
@@ -142,11 +176,15 @@ INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "
 def test_forward_on_every_hf_directory_matches_hf_within_1e4(capsys, tmp_path, case):
     """`refjax forward` on each HF-written golden directory reproduces HF's float32 outputs,
     hidden states and attentions within 1e-4 (the issue's bar; goldens hold 1e-5)."""
-    golden, _ = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
+    golden, metadata = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
     inputs = tmp_path / "in.safetensors"
     write_safetensors(inputs, {k: golden[k] for k in INPUT_KEYS if k in golden})
     out_path = tmp_path / "out.safetensors"
-    code, _, err = run(capsys, "forward", os.path.join(GOLDEN, case), "--inputs", str(inputs), "--out", str(out_path))
+    # a case made for forward options (ref/verify.py: forward_variants) runs with its first
+    options = json.loads(metadata.get("forward_variants", "[{}]"))[0]
+    flags = ["--" + k.replace("_", "-") for k, v in options.items() if v is True]
+    code, _, err = run(capsys, "forward", os.path.join(GOLDEN, case), "--inputs", str(inputs), "--out", str(out_path),
+                       *flags)
     assert code == 0, err
     out, _ = read_safetensors(out_path)
     expected = {k.split("/", 1)[1]: v for k, v in golden.items() if k.startswith("float32/")}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ class Variant:
     config: dict = dataclasses.field(default_factory=dict)
     labels: str | None = None
     inputs: str = "ids"  # "ids", "extras" (token types + explicit positions), "embeds", "choices"
+    propagate: bool = False  # HF patched to hand each layer its true input scale (propagate_hf_scales)
 
 
 def _variants() -> dict[str, Variant]:
@@ -60,10 +62,42 @@ def _variants() -> dict[str, Variant]:
         quant[f"quant-dequant-{fd}"] = Variant(
             "IBertForSequenceClassification", f"quant mode with force_dequant={fd!r} (calibrated)",
             {"num_labels": 3, "quant_mode": True, "force_dequant": fd}, labels="seqcls-single")
+    for k in ("seqcls", "mlm"):
+        x = v[k]
+        quant[f"quant-propagated-{k}"] = dataclasses.replace(
+            x, config={**x.config, "quant_mode": True, "num_hidden_layers": 3}, propagate=True,
+            description=x.description.replace("float mode", "quant mode, 3 layers, HF patched to propagate scales "
+                                              "(refjax propagate_scales=True and integer=True)"))
     return {**v, **quant}
 
 
 VARIANTS = _variants()
+
+
+def propagate_hf_scales(model):
+    """Patch an HF I-BERT model in place so that each layer is handed its input's true scale
+    (the previous layer's output scale). HF's `IBertEncoder.forward` hands every layer the
+    embedding's scale, because `IBertLayer.forward` drops its output scale. The patched
+    model is what refjax's `propagate_scales=True` and `integer=True` compute."""
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    encoder = model.base_model.encoder
+
+    def forward(hidden_states, hidden_states_scaling_factor, attention_mask=None, head_mask=None,
+                output_attentions=False, output_hidden_states=False, return_dict=True):
+        scale, hidden, attentions = hidden_states_scaling_factor, (), ()
+        for layer in encoder.layer:
+            hidden += (hidden_states,)
+            outputs, scales = layer.attention(hidden_states, scale, attention_mask, None,
+                                              output_attentions=output_attentions)
+            hidden_states, scale = layer.feed_forward_chunk(outputs[0], scales[0])
+            attentions += tuple(outputs[1:])
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states, hidden_states=hidden + (hidden_states,) if output_hidden_states else None,
+            attentions=attentions if output_attentions else None)
+
+    encoder.forward = forward
+    return model
 
 
 def reinit(model, seed: int) -> None:
@@ -141,6 +175,9 @@ def build(lib, name: str, v: Variant, case_dir: Path):
     record: dict[str, np.ndarray] = {}
     notes = []
     quant = cfg.quant_mode
+    if v.propagate:
+        propagate_hf_scales(model)
+        notes.append("HF's IBertEncoder patched to hand each layer its input's true scale (propagate_hf_scales)")
     if quant:
         batches = calibration_batches(rng, v, cfg)
         model.train()  # HF updates activation ranges only in train mode; dropout is 0
@@ -166,6 +203,9 @@ def build(lib, name: str, v: Variant, case_dir: Path):
                 "description": v.description}
     if notes:
         metadata["notes"] = "; ".join(notes)
+    if v.propagate:  # how refjax runs this case (ref/verify.py): each forward variant, and calibrate
+        metadata["forward_variants"] = json.dumps([{"propagate_scales": True}, {"integer": True}])
+        metadata["calibrate_kwargs"] = json.dumps({"propagate_scales": True})
     lib.atomic_write_bytes(case_dir / "golden.safetensors", lib.safetensors_bytes(record, metadata))
     return lib.CaseInfo("ibert", v.architecture, v.description)
 
