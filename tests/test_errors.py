@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from conftest import GOLDEN
+from conftest import GOLDEN, golden_inputs
 from params.checkpoint import load_checkpoint
 from params.io import read_safetensors, write_safetensors
 from ref import cli
@@ -120,11 +120,6 @@ def copy_case(case: str, tmp) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def golden_inputs(case: str) -> dict[str, np.ndarray]:
-    tensors, _ = read_safetensors(os.path.join(golden_dir(case), "golden.safetensors"))
-    return {k: np.array(tensors[k]) for k in ("input_ids", "attention_mask") if k in tensors}
-
-
 @functools.lru_cache(maxsize=None)
 def loaded(case: str):
     return load_checkpoint(golden_dir(case))

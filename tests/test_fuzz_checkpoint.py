@@ -30,9 +30,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import GOLDEN
+from conftest import GOLDEN, golden_inputs
 from params.checkpoint import load_checkpoint
-from params.io import read_safetensors
 from ref.families import FAMILIES
 
 # One small golden case per family (an LM head where the family has one).
@@ -140,11 +139,6 @@ def alarm(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def golden_inputs(case: str) -> dict[str, np.ndarray]:
-    tensors, _ = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
-    return {k: np.array(tensors[k]) for k in ("input_ids", "attention_mask") if k in tensors}
 
 
 def assert_finite(out) -> None:
