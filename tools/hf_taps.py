@@ -29,6 +29,18 @@ How each tap is obtained (docs/taps.md has the full tables):
 - HF passes position ids [1, T] when the caller gives none, so `wpe` and `rotary_emb.cos/sin`
   come out [1, T, ...]; they are broadcast to the batch, as refjax computes them.
 - GPT-2 calls `wte` twice when token_type_ids are given; the first call (the token ids) is `wte`.
+- RoFormer: `embeddings_project` is the input of `encoder` (the projection's output, or the
+  embeddings' own when embedding_size == hidden_size); `context` is the first output of
+  `attention.self`, viewed per head; `intermediate_act_fn` is the `intermediate` output.
+  Derived: `embed_positions.sin/cos` (the halves of `encoder.embed_positions`' output repeated
+  pairwise, as `apply_rotary_position_embeddings` builds sin_pos/cos_pos), `q_rot/k_rot/v_rot`
+  (HF's own `RoFormerSelfAttention.apply_rotary_position_embeddings` on the hooked projections;
+  v unrotated without `rotary_value`) and the pre-mask `scores` (`q k^T / math.sqrt(H)`).
+- MEGA: module outputs only, transposed from HF's sequence-first [T, B, D] to batch-first;
+  `attn_weights` is HF's `attentions[i]`; without `use_normalized_ffn` HF has no `nffn`
+  module and the `nffn` tap is `mega_layer`'s output again (as refjax defines it).
+- Taps with no faithful HF counterpart are not written (`NOT_RECORDED`); compare with
+  `refjax diff --allow-missing`, which lists them as "only in REF".
 """
 
 from __future__ import annotations
@@ -163,8 +175,118 @@ def hook_arcee(base, rec: Recorder) -> Callable[[dict], None]:
     return derive
 
 
-HOOKS = {"gpt2": hook_gpt2, "arcee": hook_arcee}
-TAPS_MODULE = {"gpt2": "ref.gpt2", "arcee": "ref.arcee"}
+def hook_roformer(base, rec: Recorder) -> Callable[[dict], None]:
+    """Hooks on HF RoFormerModel `base`; returns the step that derives sin/cos, rotated q/k/v and scores."""
+    emb = base.embeddings
+    for name in ("word_embeddings", "token_type_embeddings", "LayerNorm"):
+        rec.output(getattr(emb, name), f"embeddings.{name}")
+    # what RoFormerModel hands the encoder: embeddings_project's output, or the embeddings' own
+    rec.input(base.encoder, "embeddings_project")
+    rec.output(base.encoder.embed_positions, "encoder.embed_positions")  # [T, H]: [sin | cos] halves
+    for i, layer in enumerate(base.encoder.layer):
+        p, sa = f"encoder.layer.{i}", layer.attention.self
+        for proj in ("query", "key", "value"):
+            rec.output(getattr(sa, proj), f"{p}.attention.self.{proj}")
+        rec.output(sa, f"{p}.attention.self.context",
+                   lambda o, a=sa: o[0].view(*o[0].shape[:-1], a.num_attention_heads, a.attention_head_size))
+        rec.output(layer.attention.output.dense, f"{p}.attention.output.dense")
+        rec.output(layer.attention.output.LayerNorm, f"{p}.attention.output.LayerNorm")
+        rec.output(layer.intermediate.dense, f"{p}.intermediate.dense")
+        rec.output(layer.intermediate, f"{p}.intermediate.intermediate_act_fn")
+        rec.output(layer.output.dense, f"{p}.output.dense")
+        rec.output(layer, p, _first)
+
+    def derive(t: dict) -> None:
+        import math
+
+        import torch
+
+        table = t.pop("encoder.embed_positions")  # [T, H]
+        # as RoFormerSelfAttention.apply_rotary_position_embeddings builds sin_pos / cos_pos
+        sin, cos = table.chunk(2, dim=-1)
+        t["encoder.embed_positions.sin"] = torch.stack([sin, sin], dim=-1).reshape_as(table)
+        t["encoder.embed_positions.cos"] = torch.stack([cos, cos], dim=-1).reshape_as(table)
+        sinusoidal_pos = table[None, None, :, :]  # as RoFormerEncoder.forward
+        for i, layer in enumerate(base.encoder.layer):
+            p, sa = f"encoder.layer.{i}.attention.self", layer.attention.self
+
+            def heads(x):  # as RoFormerSelfAttention.forward: [B, T, D] -> [B, N, T, H]
+                return x.view(x.shape[0], -1, sa.num_attention_heads, sa.attention_head_size).transpose(1, 2)
+
+            q, k, v = (heads(t[f"{p}.{x}"]) for x in ("query", "key", "value"))
+            if sa.rotary_value:
+                q, k, v = sa.apply_rotary_position_embeddings(sinusoidal_pos, q, k, v)
+            else:
+                q, k = sa.apply_rotary_position_embeddings(sinusoidal_pos, q, k)
+            t[f"{p}.q_rot"], t[f"{p}.k_rot"], t[f"{p}.v_rot"] = (x.transpose(1, 2) for x in (q, k, v))
+            # as RoFormerSelfAttention.forward, before the additive mask
+            t[f"{p}.scores"] = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(sa.attention_head_size)
+
+    return derive
+
+
+def hook_mega(base, rec: Recorder) -> Callable[[dict], None]:
+    """Hooks on HF MegaModel `base` (layers work sequence-first [T, B, D]: their outputs are
+    transposed to batch-first, as MegaModel transposes its hidden states)."""
+
+    def batch_first(out):
+        return _first(out).transpose(0, 1)
+
+    rec.output(base.embedding_layer, "embedding_layer")
+    for i, block in enumerate(base.layers):
+        p = f"layers.{i}"
+        rec.output(block.mega_layer.ema_gate, f"{p}.mega_layer.ema_gate", batch_first)
+        rec.output(block.mega_layer, f"{p}.mega_layer", batch_first)
+        # without use_normalized_ffn HF has no nffn module: the tap repeats mega_layer's output
+        rec.output(block.nffn if block.nffn is not None else block.mega_layer, f"{p}.nffn", batch_first)
+        rec.output(block, p, batch_first)
+    return lambda t: None
+
+
+def hook_ibert(base, rec: Recorder) -> Callable[[dict], None]:
+    """Hooks on HF IBertModel `base`. Every I-BERT module returns (tensor, scaling_factor) (the
+    factor None in float mode); the tensor is recorded. `attention.self` returns
+    ((context, probs), factors): its context is recorded."""
+    emb = base.embeddings
+    for name in ("word_embeddings", "LayerNorm"):
+        rec.output(getattr(emb, name), f"embeddings.{name}", _first)
+    rec.output(emb, "embeddings", _first)
+    for i, layer in enumerate(base.encoder.layer):
+        p, sa = f"encoder.layer.{i}", layer.attention.self
+        for proj in ("query", "key", "value"):
+            rec.output(getattr(sa, f"{proj}_activation"), f"{p}.attention.self.{proj}", _first)
+        rec.input(sa.softmax, f"{p}.attention.self.scores")  # q k^T / sqrt(H) + the additive mask
+        rec.output(sa.softmax, f"{p}.attention.self.softmax", _first)
+        rec.output(sa, f"{p}.attention.self", lambda o: o[0][0])
+        for block in ("attention.output", "output"):
+            module = layer.get_submodule(block)
+            for name in ("dense", "ln_input_act", "LayerNorm"):
+                rec.output(getattr(module, name), f"{p}.{block}.{name}", _first)
+            rec.output(module, f"{p}.{block}", _first)
+        rec.output(layer.pre_intermediate_act, f"{p}.pre_intermediate_act", _first)
+        rec.output(layer.intermediate.dense, f"{p}.intermediate.dense", _first)
+        rec.output(layer.intermediate.intermediate_act_fn, f"{p}.intermediate.intermediate_act_fn", _first)
+        rec.output(layer.pre_output_act, f"{p}.intermediate", _first)
+        rec.output(layer, p, _first)
+    if base.pooler is not None:
+        rec.output(base.pooler, "pooler")
+    return lambda t: None
+
+
+HOOKS = {"gpt2": hook_gpt2, "arcee": hook_arcee, "roformer": hook_roformer, "mega": hook_mega,
+         "ibert": hook_ibert}
+TAPS_MODULE = {"gpt2": "ref.gpt2", "arcee": "ref.arcee", "roformer": "ref.roformer", "mega": "ref.mega",
+               "ibert": "ref.ibert"}
+# The tap that HF's `attentions[i]` is (recorded from output_attentions).
+PROBS = {"gpt2": "h.{i}.attn.probs", "arcee": "layers.{i}.self_attn.probs",
+         "roformer": "encoder.layer.{i}.attention.self.probs", "mega": "layers.{i}.mega_layer.attn_weights",
+         "ibert": "encoder.layer.{i}.attention.self.softmax"}
+# refjax taps HF has no faithful counterpart for: not written; `refjax diff --allow-missing`
+# lists them as "only in REF" (docs/taps.md says why, per family).
+NOT_RECORDED: dict[str, tuple[str, ...]] = {}
+# Taps of an optional base-model module: absent (in refjax too) when the checkpoint's head builds
+# the base model without it (I-BERT's pooler: IBertModel and IBertForMultipleChoice only).
+OPTIONAL_MODULE = {"ibert": {"pooler": "pooler"}}
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -215,17 +337,19 @@ def run(checkpoint_dir: str, inputs_path: str, dtype: str = "float32") -> tuple[
         out = model(**inputs, output_hidden_states=True, output_attentions=True, return_dict=True)
         taps = dict(rec.tensors)
         derive(taps)
-    batch = taps["drop" if family == "gpt2" else "embed_tokens"].shape[0]
+    batch = out.hidden_states[0].shape[0]
     for name in ("wpe", "rotary_emb.cos", "rotary_emb.sin"):  # HF's default position ids are [1, T]
         if name in taps:
             taps[name] = taps[name].expand(batch, *taps[name].shape[1:])
-    prefix = "h" if family == "gpt2" else "layers"
     for i, probs in enumerate(out.attentions):
-        taps[f"{prefix}.{i}.{'attn' if family == 'gpt2' else 'self_attn'}.probs"] = probs
+        taps.setdefault(PROBS[family].replace(diff.LAYER, str(i)), probs)
 
     spec = importlib.import_module(TAPS_MODULE[family]).TAPS
     n_layers = len(out.attentions)
-    expected = [n.replace(diff.LAYER, str(i)) for n in spec for i in (range(n_layers) if diff.LAYER in n else [0])]
+    skip = set(NOT_RECORDED.get(family, ()))
+    skip |= {tap for tap, module in OPTIONAL_MODULE.get(family, {}).items() if getattr(base, module, None) is None}
+    expected = [n.replace(diff.LAYER, str(i)) for n in spec if n not in skip
+                for i in (range(n_layers) if diff.LAYER in n else [0])]
     missing = sorted(set(expected) - set(taps))
     if missing:
         raise RuntimeError(f"no hook recorded {', '.join(missing)}")
@@ -236,7 +360,7 @@ def run(checkpoint_dir: str, inputs_path: str, dtype: str = "float32") -> tuple[
         tensors[f"attentions.{i}"] = _to_numpy(probs)
     last = getattr(out, "last_hidden_state", None)
     tensors["last_hidden_state"] = _to_numpy(last if last is not None else out.hidden_states[-1])
-    for field in diff.HEAD_FIELDS[1:]:
+    for field in (*diff.HEAD_FIELDS[1:], "pooler_output"):  # the outputs `refjax forward` writes
         value = getattr(out, field, None)
         if value is not None:
             tensors[field] = _to_numpy(value)
