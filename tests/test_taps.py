@@ -18,7 +18,7 @@ import pytest
 from conftest import GOLDEN, ROOT
 from params.checkpoint import load_checkpoint
 from params.io import read_safetensors, write_safetensors
-from ref import arcee, cli, gpt2, ibert, mega, roformer
+from ref import arcee, cli, diff, gpt2, ibert, mega, roformer
 
 DOC = os.path.join(ROOT, "docs", "taps.md")
 FAMILY_MODULES = {"gpt2": gpt2, "arcee": arcee, "roformer": roformer, "mega": mega, "ibert": ibert}
@@ -146,7 +146,10 @@ HF_CASES = ("gpt2/lm", "gpt2/lm-inverse-upcast", "gpt2/lm-inverse-layer-idx", "g
             "arcee/rope-dynamic", "arcee/rope-longrope", "arcee/rope-yarn", "arcee/rope-llama3", "arcee/bf16",
             "arcee/sharded",
             # RoFormer: encoder + MLM head, is_decoder + rotary_value, embeddings_project, choices flattened
-            "roformer/mlm", "roformer/causal-lm-rotary-value", "roformer/model-project-rotary-value", "roformer/mc")
+            "roformer/mlm", "roformer/causal-lm-rotary-value", "roformer/model-project-rotary-value", "roformer/mc",
+            # I-BERT float and quant (HF's scale hand-off, refjax's default): pooler, choices flattened,
+            # token types and position ids
+            "ibert/model", "ibert/mc", "ibert/quant-model", "ibert/quant-mc", "ibert/quant-model-extras")
 
 
 @pytest.mark.reference
@@ -184,6 +187,16 @@ def test_hf_taps_matches_refjax_op_by_op(case, tmp_path, capsys):
     assert ("only in REF" in out) == bool(not_recorded)
     n = len(hf_tensors)
     assert f"all {n} compared tensors within tolerance" in out
+    with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if family == "ibert" and config.get("quant_mode") and config.get("force_dequant", "none") == "none":
+        # quant mode: every tap that is integers * scale is bit-equal to HF's; only the float ops
+        # differ by rounding: the scores before IntSoftmax (q k^T / sqrt(H) in float32, summed in
+        # an order torch's CPU matmul picks by shape), the float pooler and the float heads
+        float_ops = {*diff.HEAD_FIELDS[1:], "pooler", "pooler_output"}
+        for name, value in hf_tensors.items():
+            if name not in float_ops and not name.endswith(".attention.self.scores"):
+                np.testing.assert_array_equal(np.asarray(ref_tensors[name]), np.asarray(value), err_msg=name)
 
 
 @pytest.mark.reference

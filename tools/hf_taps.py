@@ -39,6 +39,10 @@ How each tap is obtained (docs/taps.md has the full tables):
 - MEGA: module outputs only, transposed from HF's sequence-first [T, B, D] to batch-first;
   `attn_weights` is HF's `attentions[i]`; without `use_normalized_ffn` HF has no `nffn`
   module and the `nffn` tap is `mega_layer`'s output again (as refjax defines it).
+- I-BERT: module outputs; each module returns (tensor, scaling_factor) and the tensor is
+  recorded (of `attention.self`, whose output is ((context, probs), factors), the context);
+  `scores` is the *input* of `attention.self.softmax` (after the additive mask) and
+  `intermediate` the output of `pre_output_act`; `pooler` only where the head has one.
 - Taps with no faithful HF counterpart are not written (`NOT_RECORDED`); compare with
   `refjax diff --allow-missing`, which lists them as "only in REF".
 """
