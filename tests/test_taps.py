@@ -149,7 +149,12 @@ HF_CASES = ("gpt2/lm", "gpt2/lm-inverse-upcast", "gpt2/lm-inverse-layer-idx", "g
             "roformer/mlm", "roformer/causal-lm-rotary-value", "roformer/model-project-rotary-value", "roformer/mc",
             # I-BERT float and quant (HF's scale hand-off, refjax's default): pooler, choices flattened,
             # token types and position ids
-            "ibert/model", "ibert/mc", "ibert/quant-model", "ibert/quant-mc", "ibert/quant-model-extras")
+            "ibert/model", "ibert/mc", "ibert/quant-model", "ibert/quant-mc", "ibert/quant-model-extras",
+            # MEGA: bidirectional and unidirectional FFT EMA, chunked encoder (rotary bias, laplace), simple
+            # bias, no nffn, choices flattened; a decoder with labels (HF: use_cache off, FFT EMA) and
+            # without ("#no-labels": HF's use_cache path, the Vandermonde `ema_step`), chunked
+            "mega/model", "mega/unidirectional", "mega/chunking-rotary-laplace", "mega/bias-simple", "mega/no-nffn",
+            "mega/multiple-choice", "mega/causal-lm-chunking", "mega/causal-lm-chunking#no-labels")
 
 
 @pytest.mark.reference
@@ -165,9 +170,13 @@ def test_hf_taps_matches_refjax_op_by_op(case, tmp_path, capsys):
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import hf_taps
 
+    case, _, variant = case.partition("#")
     checkpoint = os.path.join(GOLDEN, case)
     inputs, ours, theirs = (str(tmp_path / n) for n in ("in.safetensors", "refjax.safetensors", "hf.safetensors"))
-    write_safetensors(inputs, golden_inputs(case))
+    given = golden_inputs(case)
+    if variant == "no-labels":
+        assert given.pop("labels", None) is not None, f"{case} has no labels to drop"
+    write_safetensors(inputs, given)
     assert cli.main(["forward", checkpoint, "--inputs", inputs, "--out", ours, "--taps"]) == 0
     assert hf_taps.main([checkpoint, "--inputs", inputs, "--out", theirs]) == 0
     hf_tensors, hf_meta = read_safetensors(theirs)
