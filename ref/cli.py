@@ -195,7 +195,7 @@ def forward_dump(family: str, out) -> tuple[dict[str, Any], list[str]]:
     spec = FAMILIES[family].taps
     n_layers = len(out.attentions)
     if out.taps is not None:
-        tensors.update(diff.expand_taps(out.taps, spec, n_layers))
+        tensors.update(diff.expand_taps(out.taps, spec, n_layers, FAMILIES[family].optional_taps))
     return tensors, diff.model_order(tensors, spec, n_layers)
 
 

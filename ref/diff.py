@@ -53,15 +53,20 @@ def stacked_name(name: str) -> str:
     return name.replace("." + LAYER, "")
 
 
-def expand_taps(taps: Mapping[str, Any], spec: Sequence[str], n_layers: int) -> dict[str, np.ndarray]:
+def expand_taps(taps: Mapping[str, Any], spec: Sequence[str], n_layers: int,
+                optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """forward's taps dict (per-layer taps stacked [L, ...]) -> one array per layer and op,
-    named as `spec` (a family's TAPS) says: "h.{i}.attn.q" -> "h.0.attn.q", "h.1.attn.q", ..."""
+    named as `spec` (a family's TAPS) says: "h.{i}.attn.q" -> "h.0.attn.q", "h.1.attn.q", ...
+    Names in `optional` may be absent (a module only some heads build, e.g. I-BERT's pooler)."""
     expected = {stacked_name(n) for n in spec}
-    if set(taps) != expected:  # the family file and its TAPS table disagree: a refjax bug
+    if not set(taps) <= expected or expected - set(taps) - {stacked_name(n) for n in optional}:
+        # the family file and its TAPS table disagree: a refjax bug
         raise RuntimeError(f"taps and TAPS disagree: produced but not listed {sorted(set(taps) - expected)}, "
                            f"listed but not produced {sorted(expected - set(taps))}")
     out = {}
     for name in spec:
+        if stacked_name(name) not in taps:
+            continue
         value = np.asarray(taps[stacked_name(name)])
         if LAYER in name:
             for i in range(n_layers):

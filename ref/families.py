@@ -24,6 +24,7 @@ class FamilyOps:
     taps: tuple[str, ...]  # tap names in dataflow order (`ref/<family>.py: TAPS`, docs/taps.md)
     takes_position_ids: bool = True  # False: HF's forward has no position_ids (positions = cache slots)
     unstack_layers: Callable[[Any], Any] | None = None  # params -> same params, layers as a tuple (ref/layers.py)
+    optional_taps: tuple[str, ...] = ()  # taps of a module only some heads build (absent otherwise)
 
     def generate(self, params, config, input_ids, attention_mask=None, *, max_new_tokens: int,
                  sampling: generate_lib.Sampling = generate_lib.Sampling(), key=None, return_logits=False,
@@ -66,6 +67,7 @@ FAMILIES: dict[str, FamilyOps] = {
         lm_architectures=(),
         max_positions=lambda config: config.max_tokens,  # RoBERTa positions start after pad_token_id
         taps=ibert.TAPS,
+        optional_taps=("pooler",),  # IBertModel and IBertForMultipleChoice only
     ),
     "mega": FamilyOps(
         forward=mega.forward,

@@ -140,8 +140,7 @@ def test_forward_without_taps_records_the_order_of_its_outputs(tmp_path, capsys)
 # choices flattened, token types and position ids, every head; GQA/MQA/MHA, biases, each
 # RoPE type (dynamic and longrope depend on the call's length), a bf16 and a sharded checkpoint.
 # (All 47 GPT-2/Arcee golden cases with input ids pass; so do all 16 RoFormer and 35 MEGA ones, and
-# the 6 I-BERT ones whose head has a pooler (the others stop in `refjax forward --taps`, see
-# docs/taps.md); this subset keeps the tier fast.)
+# the I-BERT ones but quant-tokcls and quant-propagated-* (docs/taps.md); this subset keeps the tier fast.)
 HF_CASES = ("gpt2/lm", "gpt2/lm-inverse-upcast", "gpt2/lm-inverse-layer-idx", "gpt2/double-heads",
             "gpt2/model-extras", "gpt2/qa", "gpt2/seqcls-single", "gpt2/lm-act-relu",
             "arcee/causal-lm", "arcee/mqa", "arcee/mha", "arcee/bias", "arcee/qa", "arcee/tokcls",
@@ -152,6 +151,8 @@ HF_CASES = ("gpt2/lm", "gpt2/lm-inverse-upcast", "gpt2/lm-inverse-layer-idx", "g
             # I-BERT float and quant (HF's scale hand-off, refjax's default): pooler, choices flattened,
             # token types and position ids
             "ibert/model", "ibert/mc", "ibert/quant-model", "ibert/quant-mc", "ibert/quant-model-extras",
+            # and heads without a pooler (its tap is optional: FamilyOps.optional_taps)
+            "ibert/seqcls", "ibert/quant-seqcls",
             # MEGA: bidirectional and unidirectional FFT EMA, chunked encoder (rotary bias, laplace), simple
             # bias, no nffn, choices flattened; a decoder with labels (HF: use_cache off, FFT EMA) and
             # without ("#no-labels": HF's use_cache path, the Vandermonde `ema_step`), chunked
