@@ -275,8 +275,8 @@ def int_embeddings(p: IBertBody, q: IntContext, input_ids, token_type_ids, posit
     e = p.embeddings
 
     def embed(table, ids):  # QuantEmbedding: per-tensor 8-bit table, rows looked up as int8
-        table_scale = quant.weight_scale(table, 8, per_channel=False)
-        return jnp.take(quant.symmetric_quantize(table, 8, table_scale).astype(jnp.int8), ids, axis=0), table_scale
+        w_int, table_scale = quant.embedding_table_int(table)
+        return jnp.take(w_int.astype(jnp.int8), ids, axis=0), table_scale
 
     words, words_s = embed(e.word_embeddings.table, input_ids)
     types, types_s = embed(e.token_type_embeddings.table, token_type_ids)

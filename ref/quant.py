@@ -169,10 +169,15 @@ def quant_act(x, num_bits: int, x_min, x_max, pre_scale=None, identity=None, ide
 # --------------------------------------------------------------------------------------
 
 
+def embedding_table_int(table, weight_bit: int = 8):
+    """QuantEmbedding's integers: the table quantized per tensor -> (w_int (float), scale [1])."""
+    scale = weight_scale(table, weight_bit, per_channel=False)
+    return symmetric_quantize(table, weight_bit, scale), scale
+
+
 def quant_embedding(table, ids, weight_bit: int = 8):
     """`QuantEmbedding` in quant mode: per-tensor 8-bit table, rows looked up, -> (q * s, s)."""
-    scale = weight_scale(table, weight_bit, per_channel=False)
-    w_int = symmetric_quantize(table, weight_bit, scale)
+    w_int, scale = embedding_table_int(table, weight_bit)
     return jnp.take(w_int, ids, axis=0) * scale, scale
 
 
@@ -542,7 +547,7 @@ def softmax_requantize_int(exp_int, exp_scale, z_scale, num_bits: int = 16, exp_
     inf = (Z > 0) & (_bits(Z) + k > 128)  # HF's float32 quotient overflows (tiny scales): inf -> n
     Z = jnp.where(k < 0, rounding_shift(Z, -k), Z)  # torch.round of a small quotient
     k = jnp.maximum(k, 0)
-    out = rounding_shift(round_sig(Z * m, 53), jnp.maximum(e - k, 0))
+    out = rounding_shift(round_f64(Z * m), jnp.maximum(e - k, 0))
     out = jnp.where(((e < k) & (Z > 0)) | inf, n, out)  # a left shift: >= 2^53, saturates (no wraparound)
     return jnp.clip(out, -n - 1, n)
 
