@@ -13,9 +13,9 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from params.common import Embedding, Linear, RMSNorm
-from params.config import ArceeConfig
-from params.io import NameRule
+from refjax.params.common import Embedding, Linear, RMSNorm
+from refjax.params.config import ArceeConfig
+from refjax.params.io import NameRule
 
 
 class ArceeAttention(eqx.Module):

@@ -13,12 +13,12 @@ import os
 from types import ModuleType
 from typing import Any
 
-from params import config as config_lib
-from params import arcee, gpt2
-from params import ibert
-from params import io
-from params import mega
-from params import roformer
+from refjax.params import config as config_lib
+from refjax.params import arcee, gpt2
+from refjax.params import ibert
+from refjax.params import io
+from refjax.params import mega
+from refjax.params import roformer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,9 +12,9 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from params.common import Embedding, LayerNorm, Linear
-from params.config import GPT2Config
-from params.io import NameRule
+from refjax.params.common import Embedding, LayerNorm, Linear
+from refjax.params.config import GPT2Config
+from refjax.params.io import NameRule
 
 
 class GPT2Attention(eqx.Module):

@@ -24,9 +24,9 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from params.common import Embedding, LayerNorm, Linear
-from params.config import ConfigError, _common, _Fields, _family_architecture
-from params.io import NameRule
+from refjax.params.common import Embedding, LayerNorm, Linear
+from refjax.params.config import ConfigError, _common, _Fields, _family_architecture
+from refjax.params.io import NameRule
 
 # --------------------------------------------------------------------------------------
 # Config

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from params.common import Embedding, Linear
-from params.config import ACTIVATIONS, ConfigError, _common, _family_architecture, _Fields
-from params.io import NameRule
+from refjax.params.common import Embedding, Linear
+from refjax.params.config import ACTIVATIONS, ConfigError, _common, _family_architecture, _Fields
+from refjax.params.io import NameRule
 
 MEGA_ARCHITECTURES = (
     "MegaModel",

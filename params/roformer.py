@@ -23,9 +23,9 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from params.common import Embedding, LayerNorm, Linear
-from params.config import (ACTIVATIONS, SUMMARY_TYPES, ConfigError, _common, _family_architecture, _Fields)
-from params.io import NameRule
+from refjax.params.common import Embedding, LayerNorm, Linear
+from refjax.params.config import (ACTIVATIONS, SUMMARY_TYPES, ConfigError, _common, _family_architecture, _Fields)
+from refjax.params.io import NameRule
 
 # --------------------------------------------------------------------------------------
 # Config

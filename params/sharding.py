@@ -17,7 +17,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from params.io import tree_paths
+from refjax.params.io import tree_paths
 
 DATA, MODEL = "data", "model"
 

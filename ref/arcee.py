@@ -14,15 +14,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from params.arcee import ArceeLayer, ArceeParams
-from params.config import ArceeConfig
-from ref import cache as cache_lib
-from ref import heads, losses, nn, rotary
-from ref.attention import FUTURE_FINFO_MIN, causal_mask, fast_attention, softmax_attention
-from ref.cache import KVCache, write_slots
-from ref import layers
-from ref.layers import run_layers
-from ref.validate import as_arrays, check_task_labels, check_token_inputs
+from refjax.params.arcee import ArceeLayer, ArceeParams
+from refjax.params.config import ArceeConfig
+from refjax import cache as cache_lib
+from refjax import heads, losses, nn, rotary
+from refjax.attention import FUTURE_FINFO_MIN, causal_mask, fast_attention, softmax_attention
+from refjax.cache import KVCache, write_slots
+from refjax import layers
+from refjax.layers import run_layers
+from refjax.validate import as_arrays, check_task_labels, check_token_inputs
 
 
 def attention(p: ArceeLayer, config: ArceeConfig, x, cos, sin, key_valid, causal, kv_cache, start, fast=False):

@@ -6,16 +6,43 @@ repeated in memory: the query heads are grouped instead, [B, T, K, G, H] with G 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from ref.nn import accum_dtype
+from refjax.cache import write_slots
+from refjax.nn import accum_dtype
 
 
 def causal_mask(query_slots: jax.Array, num_slots: int) -> jax.Array:
     """Which key slots each query may see: [T] query slots -> [T, S] bool (key slot <= query
     slot). Query slots are 0.. without a cache and cache.length.. with one."""
     return jnp.arange(num_slots, dtype=query_slots.dtype)[None, :] <= query_slots[:, None]
+
+
+class Mask(NamedTuple):
+    """Which key slots each query of one call may see, built once per call (`mask_for`).
+
+    Without a cache the T queries are slots 0..T-1 and S = T; with one they are slots
+    [start, start + T) of the cache's S slots, of which `filled` = start + T hold a key."""
+
+    key_valid: jax.Array  # [B, S] bool: the slot holds a real (non-pad) token
+    causal: jax.Array | None  # [T, S] bool: key slot <= query slot (None: bidirectional)
+    slots: jax.Array  # [T] int32: the query slots (default position ids)
+    start: jax.Array  # [] int32: first slot this call writes (0 without a cache)
+    filled: jax.Array | None  # [] int32: slots holding a key after this call (None without a cache)
+
+
+def mask_for(attention_mask: jax.Array | None, batch: int, length: int, cache=None, causal: bool = True) -> Mask:
+    """The `Mask` of a call with T = `length` new tokens; attention_mask [B, T] covers only
+    the new tokens, the cache (a `KVCache`-like value with key_valid and length) the rest."""
+    start = jnp.zeros((), jnp.int32) if cache is None else cache.length
+    slots = start + jnp.arange(length, dtype=jnp.int32)  # [T]
+    new_valid = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
+    key_valid = new_valid if cache is None else write_slots(cache.key_valid, new_valid, start)  # [B, S]
+    return Mask(key_valid=key_valid, causal=causal_mask(slots, key_valid.shape[1]) if causal else None,
+                slots=slots, start=start, filled=None if cache is None else start + length)
 
 
 # How HF's eager attention fills a *future* key's score (a named choice per family):

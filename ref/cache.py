@@ -10,6 +10,8 @@ the causal mask, because they lie after every query.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,18 @@ class KVCache(eqx.Module):
     @property
     def max_length(self) -> int:
         return self.keys.shape[2]
+
+    @property
+    def layers(self) -> "LayerKV":
+        """Per-layer keys and values, stacked [L, ...] (what the layer scan slices)."""
+        return LayerKV(self.keys, self.values)
+
+
+class LayerKV(NamedTuple):
+    """One layer's cached keys and values [B, S, K, H] (stacked [L, B, S, K, H] in a scan)."""
+
+    keys: jax.Array
+    values: jax.Array
 
 
 def init_cache(num_layers: int, batch: int, max_length: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
@@ -40,3 +54,13 @@ def write_slots(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Arra
     """Write new [B, T, ...] into buffer [B, S, ...] at slots [start, start + T)."""
     index = (jnp.zeros((), jnp.int32), start.astype(jnp.int32)) + (jnp.zeros((), jnp.int32),) * (buffer.ndim - 2)
     return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), index)
+
+
+def updated(cache: KVCache, kv: LayerKV, key_valid: jax.Array, new_tokens: int) -> KVCache:
+    """The cache after a call that wrote `new_tokens` slots: the stack's new keys/values."""
+    return KVCache(keys=kv.keys, values=kv.values, key_valid=key_valid, length=cache.length + new_tokens)
+
+
+def write_layer(kv: LayerKV, keys: jax.Array, values: jax.Array, start: jax.Array) -> LayerKV:
+    """One layer's cache with this call's keys/values [B, T, K, H] written at slot `start`."""
+    return LayerKV(write_slots(kv.keys, keys, start), write_slots(kv.values, values, start))

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ref import nn
+from refjax import nn
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,8 +12,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from params.common import Linear
-from ref import losses, nn
+from refjax.params.common import Linear
+from refjax import losses, nn
 
 
 class Output(eqx.Module):
@@ -89,6 +89,19 @@ def sequence_summary(p: Linear | None, hidden: jax.Array, cls_index: jax.Array |
     if activation is not None:
         output = nn.ACT2FN[activation](output)
     return output
+
+
+def last_token_scores(score: Linear, hidden: jax.Array, input_ids, pad_token_id) -> jax.Array:
+    """Score every token, keep the last non-pad one (HF `*ForSequenceClassification` of the
+    decoder families). hidden [B, T, D] -> logits [B, num_labels]."""
+    token_logits = nn.linear(score, hidden)  # [B, T, num_labels]
+    return pool_at(token_logits, last_non_pad_index(input_ids, pad_token_id, hidden.shape[0]))
+
+
+def span_logits(qa_outputs: Linear, hidden: jax.Array) -> dict[str, jax.Array]:
+    """HF `*ForQuestionAnswering`: start and end logits [B, T] from one Linear(D, 2)."""
+    span = nn.linear(qa_outputs, hidden)  # [B, T, 2]
+    return {"start_logits": span[..., 0], "end_logits": span[..., 1]}
 
 
 # ---------------------------------------------------------------------------------------

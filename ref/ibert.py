@@ -22,11 +22,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from params.common import LayerNorm, Linear
-from params.ibert import IBertBody, IBertConfig, IBertLayer, IBertParams, IBertQuantState
-from ref import heads, losses, nn
-from ref import quant
-from ref.validate import as_arrays, check_task_labels, check_token_inputs
+from refjax.params.common import LayerNorm, Linear
+from refjax.params.ibert import IBertBody, IBertConfig, IBertLayer, IBertParams, IBertQuantState
+from refjax import heads, losses, nn
+from refjax import quant
+from refjax.validate import as_arrays, check_task_labels, check_token_inputs
 
 
 class QuantContext:
@@ -471,7 +471,7 @@ def forward(params: IBertParams, config: IBertConfig, input_ids=None, attention_
     elif arch == "IBertForTokenClassification":
         check_task_labels("token", labels, shape, config.num_labels)
     elif arch == "IBertForMultipleChoice" and labels is not None:
-        from ref.validate import check_labels
+        from refjax.validate import check_labels
         if len(shape) != 3:
             raise ValueError(f"IBertForMultipleChoice needs input_ids [batch, choices, seq], got {list(shape)}")
         check_labels(labels, "labels", shape[:1], shape[1], "choices")

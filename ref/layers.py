@@ -14,7 +14,7 @@ results (tested); compile time then grows with depth, so it is a decode-time cho
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import equinox as eqx
 import jax
@@ -45,3 +45,46 @@ def run_layers(step: Callable, x: jax.Array, layers: Any, xs: Any = None, remat:
         x, y = step(x, (layer, jnp.asarray(i, jnp.int32), jax.tree.map(lambda a, i=i: a[i], xs)))
         outputs.append(y)
     return x, jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
+
+
+class LayerOut(NamedTuple):
+    """What one attention or block call returns (scan stacks each field over layers)."""
+
+    x: jax.Array  # [B, T, D] the output
+    probs: jax.Array | None = None  # [B, N, T, S] attention probabilities (None on the fast path)
+    kv: Any = None  # this layer's cache entry after the call (None without a cache)
+    taps: dict | None = None  # named intermediates of this layer ("" = the layer's own output)
+
+
+class Stack(NamedTuple):
+    """The layer stack's result: the last layer's output and each layer's, stacked [L, ...]."""
+
+    x: jax.Array  # [B, T, D] after the last layer
+    inputs: jax.Array  # [L, B, T, D] every layer's input (HF's hidden_states before the last)
+    attentions: jax.Array | None  # [L, B, N, T, S]
+    kv: Any  # the new per-layer cache entries, stacked (None without a cache)
+    taps: dict | None  # per-layer taps stacked [L, ...], by name within the layer
+
+
+def run_stack(block: Callable[..., LayerOut], x: jax.Array, layers: Any, kv: Any = None, *, remat: bool = False,
+              taps: bool = False) -> Stack:
+    """Apply `block(layer_params, layer_index, x, layer_kv) -> LayerOut` over the stack
+    (see `run_layers`); `kv` is the stacked per-layer cache (or None)."""
+
+    def step(x, layer):
+        layer_params, index, layer_kv = layer
+        out = block(layer_params, index, x, layer_kv)
+        return out.x, (x, out.probs, None if kv is None else out.kv, out.taps if taps else None)
+
+    x, (inputs, attentions, new_kv, layer_taps) = run_layers(step, x, layers, kv, remat)
+    return Stack(x, inputs, attentions, new_kv, layer_taps)
+
+
+def hidden_states(stack: Stack, last: jax.Array) -> jax.Array:
+    """HF's hidden_states tuple, stacked: every layer's input, then `last` ([L + 1, B, T, D])."""
+    return jnp.concatenate([stack.inputs, last[None]], axis=0)
+
+
+def prefixed_taps(prefix: str, layer_taps: dict) -> dict:
+    """Per-layer taps under the stack's module path: "attn.q" -> "h.attn.q", "" -> "h"."""
+    return {f"{prefix}.{name}" if name else prefix: value for name, value in layer_taps.items()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ref.nn import accum_dtype
+from refjax.nn import accum_dtype
 
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss default, HF's label padding value
 

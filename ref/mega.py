@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from params.common import Linear
-from params.mega import MegaConfig, MegaEma, MegaGatedAttention, MegaLayer, MegaNorm, MegaParams
-from ref import heads, layers, losses, nn
-from ref.validate import as_arrays, check_labels, check_task_labels, check_token_inputs
+from refjax.params.common import Linear
+from refjax.params.mega import MegaConfig, MegaEma, MegaGatedAttention, MegaLayer, MegaNorm, MegaParams
+from refjax import heads, layers, losses, nn
+from refjax.validate import as_arrays, check_labels, check_task_labels, check_token_inputs
 
 NORM_EPS = 1e-5  # HF MegaSequenceNorm passes eps=1e-5 to every norm type
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from params.common import Embedding, LayerNorm, Linear, RMSNorm
+from refjax.params.common import Embedding, LayerNorm, Linear, RMSNorm
 
 
 def accum_dtype(dtype) -> jnp.dtype:

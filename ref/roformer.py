@@ -19,12 +19,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from params.roformer import RoFormerBody, RoFormerConfig, RoFormerLayer, RoFormerParams
-from ref import cache as cache_lib
-from ref import heads, losses, nn
-from ref.attention import FUTURE_FINFO_MIN, causal_mask, fast_attention, softmax_attention
-from ref.cache import KVCache, write_slots
-from ref.validate import as_arrays, check_labels, check_task_labels, check_token_inputs
+from refjax.params.roformer import RoFormerBody, RoFormerConfig, RoFormerLayer, RoFormerParams
+from refjax import cache as cache_lib
+from refjax import heads, losses, nn
+from refjax.attention import FUTURE_FINFO_MIN, causal_mask, fast_attention, softmax_attention
+from refjax.cache import KVCache, write_slots
+from refjax.validate import as_arrays, check_labels, check_task_labels, check_token_inputs
 
 
 def embed(p: RoFormerBody, config: RoFormerConfig, input_ids, inputs_embeds, token_type_ids):

@@ -7,7 +7,7 @@ pays nothing for it. JAX gathers clamp out-of-range indices silently, hence thes
 
 from __future__ import annotations
 
-from ref import nn
+from refjax import nn
 
 
 def check_token_inputs(*, vocab_size: int, hidden_size: int, input_ids, attention_mask, position_ids, inputs_embeds,
@@ -85,7 +85,7 @@ def check_task_labels(task: str, labels, token_shape: tuple[int, ...], num_class
     "token" (classes or -100, one per token), "sequence" (by problem_type, as HF infers it)."""
     if labels is None:
         return
-    from ref.losses import IGNORE_INDEX, infer_problem_type
+    from refjax.losses import IGNORE_INDEX, infer_problem_type
 
     if task in ("lm", "token"):
         what = "vocab_size" if task == "lm" else "num_labels"

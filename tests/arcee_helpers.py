@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
-from params import arcee as arcee_params
-from params.config import parse_arcee_config
-from ref import arcee
+from refjax.params import arcee as arcee_params
+from refjax.params.config import parse_arcee_config
+from refjax import arcee
 
 FP32_TOL = 1e-5
 FP64_TOL = 1e-12

@@ -38,7 +38,7 @@ def golden_inputs(case: str, names=("input_ids", "attention_mask")) -> dict:
     """The recorded model inputs of a golden case (e.g. "gpt2/lm") as numpy arrays."""
     import numpy as np
 
-    from params.io import read_safetensors
+    from refjax.params.io import read_safetensors
 
     tensors, _ = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
     return {k: np.array(tensors[k]) for k in names if k in tensors}

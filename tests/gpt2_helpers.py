@@ -17,11 +17,11 @@ import numpy as np
 from hypothesis import strategies as st
 
 from conftest import GOLDEN
-from params import gpt2 as gpt2_params
-from params.checkpoint import load_checkpoint
-from params.config import parse_gpt2_config
-from params.io import read_safetensors
-from ref import gpt2
+from refjax.params import gpt2 as gpt2_params
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.config import parse_gpt2_config
+from refjax.params.io import read_safetensors
+from refjax import gpt2
 
 FP32_TOL = 1e-5
 FP64_TOL = 1e-12

@@ -47,7 +47,7 @@ def supported_activations() -> list[str]:
     """Activation names both refjax and this transformers' ACT2FN implement."""
     from transformers.activations import ACT2FN
 
-    from params.config import ACTIVATIONS
+    from refjax.params.config import ACTIVATIONS
 
     return [a for a in ACTIVATIONS if a in ACT2FN]
 

@@ -74,7 +74,7 @@ def first_divergence(fake_taps, int_taps, n_layers):
     integer steps) at the first requantized activation where they differ, or None."""
     import jax.numpy as jnp
 
-    from ref import quant
+    from refjax import quant
 
     for layer in range(n_layers):
         for module in REQUANTIZED:

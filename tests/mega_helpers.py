@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from hypothesis import strategies as st
 
-from params import mega as mega_params
-from ref import mega
+from refjax.params import mega as mega_params
+from refjax import mega
 
 FP32_TOL = 1e-5
 FP64_TOL = 1e-12

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
-from params import roformer as roformer_params
-from ref import roformer
+from refjax.params import roformer as roformer_params
+from refjax import roformer
 
 FP32_TOL = 1e-5
 FP64_TOL = 1e-12

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN, ROOT
-from params.io import read_safetensors, write_safetensors
-from ref import cli
+from refjax.params.io import read_safetensors, write_safetensors
+from refjax.tooling import cli
 
 
 def run(capsys, *argv):
@@ -161,7 +161,7 @@ def test_out_replaces_existing_file_atomically(capsys, tmp_path):
 
 
 def test_console_entry_point_runs_as_a_module():
-    proc = subprocess.run([sys.executable, "-m", "ref.cli", "forward", "/no/such/dir", "--text", "x", "--out", "o"],
+    proc = subprocess.run([sys.executable, "-m", "refjax.tooling.cli", "forward", "/no/such/dir", "--text", "x", "--out", "o"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("refjax: error:") and "/no/such/dir" in proc.stderr
@@ -171,7 +171,7 @@ INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "
               "mc_labels", "start_positions", "end_positions")
 
 
-@pytest.mark.parametrize("case", [c for c in __import__("ref.verify", fromlist=["x"]).golden_cases(GOLDEN)
+@pytest.mark.parametrize("case", [c for c in __import__("refjax.tooling.verify", fromlist=["x"]).golden_cases(GOLDEN)
                                   if not c.endswith("model-embeds")])  # --inputs takes ids, not embeddings
 def test_forward_on_every_hf_directory_matches_hf_within_1e4(capsys, tmp_path, case):
     """`refjax forward` on each HF-written golden directory reproduces HF's float32 outputs,

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN
-from params.checkpoint import load_checkpoint
-from params.io import read_safetensors, write_safetensors
-from ref import arcee, cli, diff, gpt2, nn, rotary
-from ref.families import FAMILIES
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.io import read_safetensors, write_safetensors
+from refjax import arcee, gpt2, nn, rotary
+from refjax.tooling import cli, diff
+from refjax.tooling.families import FAMILIES
 
 
 def run(capsys, *argv):

@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN, golden_inputs
-from params.checkpoint import load_checkpoint
-from params.io import read_safetensors, write_safetensors
-from ref import cli
-from ref.families import FAMILIES
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.io import read_safetensors, write_safetensors
+from refjax.tooling import cli
+from refjax.tooling.families import FAMILIES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN
-from params.checkpoint import load_checkpoint
-from params.io import read_safetensors
-from ref.families import FAMILIES
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.io import read_safetensors
+from refjax.tooling.families import FAMILIES
 
 CASES = ["gpt2/lm", "gpt2/lm-inverse-layer-idx", "gpt2/lm-noscale", "gpt2/seqcls-single", "gpt2/double-heads",
          "arcee/causal-lm", "arcee/mqa", "arcee/bias", "arcee/rope-yarn", "arcee/rope-dynamic", "arcee/qa"]

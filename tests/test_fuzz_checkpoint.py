@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import GOLDEN, golden_inputs
-from params.checkpoint import load_checkpoint
-from ref.families import FAMILIES
+from refjax.params.checkpoint import load_checkpoint
+from refjax.tooling.families import FAMILIES
 
 # One small golden case per family (an LM head where the family has one).
 FUZZ_CASES = {"gpt2": "gpt2/lm", "arcee": "arcee/causal-lm", "roformer": "roformer/causal-lm", "mega": "mega/causal-lm", "ibert": "ibert/quant-mlm"}

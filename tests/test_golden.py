@@ -15,8 +15,8 @@ import os
 import pytest
 
 from conftest import GOLDEN
-from params.io import read_safetensors
-from ref import verify
+from refjax.params.io import read_safetensors
+from refjax.tooling import verify
 
 CASES = verify.golden_cases(GOLDEN)
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN
-from params.checkpoint import load_checkpoint
-from params.io import read_safetensors
-from ref import generate as generate_lib
-from ref import gpt2
-from ref.families import FAMILIES
-from ref.generate import Sampling
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.io import read_safetensors
+from refjax import generate as generate_lib
+from refjax import gpt2
+from refjax.tooling.families import FAMILIES
+from refjax.generate import Sampling
 
 GEN = FAMILIES["gpt2"].generate
 
@@ -61,7 +61,7 @@ def no_compute(monkeypatch):
     def boom(*args, **kwargs):
         raise ComputeReached("validation did not stop the call before compute")
 
-    monkeypatch.setattr(gpt2, "transformer", boom)
+    monkeypatch.setattr(gpt2, "model", boom)
     monkeypatch.setattr(generate_lib, "_generate", boom)
 
 

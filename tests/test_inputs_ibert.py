@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN
-from params import ibert as ibert_params
-from params.checkpoint import load_checkpoint
-from params.config import ConfigError
-from params.io import read_safetensors, write_safetensors
-from ref import cli, ibert
-from ref.families import FAMILIES
+from refjax.params import ibert as ibert_params
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.config import ConfigError
+from refjax.params.io import read_safetensors, write_safetensors
+from refjax import ibert
+from refjax.tooling import cli
+from refjax.tooling.families import FAMILIES
 
 SEQCLS = os.path.join(GOLDEN, "ibert", "seqcls")
 QUANT = os.path.join(GOLDEN, "ibert", "quant-seqcls")

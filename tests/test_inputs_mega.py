@@ -13,10 +13,11 @@ import pytest
 
 from conftest import GOLDEN
 from mega_helpers import FWD, random_params
-from params.config import ConfigError
-from params.io import read_safetensors, write_safetensors
-from params.mega import parse_mega_config
-from ref import cli, mega
+from refjax.params.config import ConfigError
+from refjax.params.io import read_safetensors, write_safetensors
+from refjax.params.mega import parse_mega_config
+from refjax import mega
+from refjax.tooling import cli
 
 BASE = dict(model_type="mega", architectures=["MegaModel"], vocab_size=40, hidden_size=8, num_hidden_layers=1,
             intermediate_size=12, ema_projection_size=2, shared_representation_size=4, nffn_hidden_size=12,
@@ -144,7 +145,7 @@ def test_cli_forward_on_a_golden_mega_directory_matches_hf(tmp_path, capsys):
 
 
 def test_generate_refuses_encoders_and_bidirectional_models():
-    from ref.families import FAMILIES
+    from refjax.tooling.families import FAMILIES
 
     config = dataclasses.replace(cfg(), architecture="MegaForCausalLM")
     with pytest.raises(ValueError, match="decoder|is_decoder"):
@@ -153,7 +154,7 @@ def test_generate_refuses_encoders_and_bidirectional_models():
 
 @pytest.mark.parametrize("overrides", [dict(), dict(use_normalized_ffn=False, use_chunking=True, chunk_size=2)])
 def test_taps_repeat_the_outputs_they_name(overrides):
-    from ref import diff
+    from refjax.tooling import diff
 
     config = cfg(**overrides)
     params = random_params(config, 2)

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from conftest import DATA, GOLDEN
-from params.checkpoint import load_checkpoint
-from params.config import ConfigError
-from params.io import read_safetensors, write_safetensors
-from params.roformer import parse_roformer_config
-from ref import cli, roformer
-from ref.families import FAMILIES
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.config import ConfigError
+from refjax.params.io import read_safetensors, write_safetensors
+from refjax.params.roformer import parse_roformer_config
+from refjax import roformer
+from refjax.tooling import cli
+from refjax.tooling.families import FAMILIES
 from roformer_helpers import random_params
 
 BASE = dict(model_type="roformer", vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,

@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 
 from conftest import GOLDEN
 from ibert_helpers import first_divergence
-from params import ibert as ibert_params
-from params.checkpoint import load_checkpoint
-from params.io import read_safetensors
-from ref import ibert
+from refjax.params import ibert as ibert_params
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.io import read_safetensors
+from refjax import ibert
 
 # quant-mode golden cases whose every nonlinearity is integer-only (force_dequant="none");
 # quant-model and quant-qa share quant-tokcls's encoder config and are left out for time

@@ -39,13 +39,13 @@ from arcee_helpers import (ARCHITECTURES, FIXED_FREQ_ROPE_TYPES, FP32_TOL, FP64_
                            configs, fields, i32, left_padded_mask, parse, prompt_positions_np, random_params,
                            raw_configs, rel_err, rope_switch_length, with_head)
 from conftest import DATA
-from params import arcee as arcee_params
-from params.config import parse_arcee_config
-from params.io import count_params
-from ref import arcee, nn, rotary
-from ref.attention import FUTURE_FINFO_MIN, FUTURE_NEG_INF, causal_mask, softmax_attention
-from ref.families import FAMILIES
-from ref.generate import Sampling
+from refjax.params import arcee as arcee_params
+from refjax.params.config import parse_arcee_config
+from refjax.params.io import count_params
+from refjax import arcee, nn, rotary
+from refjax.attention import FUTURE_FINFO_MIN, FUTURE_NEG_INF, causal_mask, softmax_attention
+from refjax.tooling.families import FAMILIES
+from refjax.generate import Sampling
 
 GENERATE = FAMILIES["arcee"].generate
 

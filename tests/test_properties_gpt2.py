@@ -29,10 +29,10 @@ from jax.test_util import check_grads
 from gpt2_helpers import (ARCHITECTURES, FP32_TOL, FP64_TOL, FWD, SMOOTH_ACTIVATIONS, assert_close, build_config,
                           configs, left_padded_mask, load_golden, prompt_positions_np, random_params, rel_err,
                           with_head)
-from ref import gpt2, losses, nn
-from ref.attention import causal_mask
-from ref.families import FAMILIES
-from ref.generate import Sampling, next_token, process_logits
+from refjax import gpt2, losses, nn
+from refjax.attention import causal_mask
+from refjax.tooling.families import FAMILIES
+from refjax.generate import Sampling, next_token, process_logits
 
 GENERATE = FAMILIES["gpt2"].generate
 SEEDS = st.integers(0, 2**31 - 1)

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import GOLDEN
-from params import ibert as ibert_params
-from params.checkpoint import load_checkpoint
-from params.io import read_safetensors
-from ref import ibert
+from refjax.params import ibert as ibert_params
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.io import read_safetensors
+from refjax import ibert
 
 FLOAT = load_checkpoint(os.path.join(GOLDEN, "ibert", "seqcls"), dtype=jnp.float64)
 QUANT = load_checkpoint(os.path.join(GOLDEN, "ibert", "quant-seqcls"), dtype=jnp.float32)

@@ -19,9 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mega_helpers import FP32_TOL, FP64_TOL, FWD, assert_close, make_inputs, random_params, raw_configs, seq_lengths
-from params.mega import MegaEma, MegaRelativeBias, parse_mega_config
-from ref import mega
-from ref.families import FAMILIES
+from refjax.params.mega import MegaEma, MegaRelativeBias, parse_mega_config
+from refjax import mega
+from refjax.tooling.families import FAMILIES
 
 SETTINGS = settings(max_examples=4, deadline=None)
 FEW = settings(max_examples=2, deadline=None)

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import GOLDEN
-from params import roformer as roformer_params
-from params.checkpoint import load_checkpoint
-from params.io import read_checkpoint_tensors
-from params.roformer import parse_roformer_config
-from ref import roformer, rotary
-from ref.families import FAMILIES
+from refjax.params import roformer as roformer_params
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.io import read_checkpoint_tensors
+from refjax.params.roformer import parse_roformer_config
+from refjax import roformer, rotary
+from refjax.tooling.families import FAMILIES
 from roformer_helpers import FP64_TOL, FWD, SEEDS, assert_close, random_inputs, random_params, raw_configs
 
 
@@ -75,7 +75,7 @@ def test_golden_tables_equal_hf_recomputed_and_a_missing_table_is_recomputed(tmp
     np.testing.assert_array_equal(np.asarray(ckpt.params.roformer.encoder.embed_positions.table), want)
     tensors = {k: np.asarray(v) for k, v in read_checkpoint_tensors(case).items()
                if not k.endswith("embed_positions.weight")}
-    from params.io import write_safetensors
+    from refjax.params.io import write_safetensors
     write_safetensors(tmp_path / "model.safetensors", tensors, {"format": "pt"})
     (tmp_path / "config.json").write_text(open(os.path.join(case, "config.json")).read())
     again = load_checkpoint(tmp_path)

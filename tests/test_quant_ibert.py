@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import GOLDEN
-from params.checkpoint import load_checkpoint
-from params.io import read_safetensors
-from ref import nn, quant
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.io import read_safetensors
+from refjax import nn, quant
 
 INT32 = 2 ** 31
 

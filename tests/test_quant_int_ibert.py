@@ -29,9 +29,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import GOLDEN
-from params.checkpoint import load_checkpoint
-from params.io import read_safetensors
-from ref import ibert, quant
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.io import read_safetensors
+from refjax import ibert, quant
 
 F32, I64 = jnp.float32, jnp.int64
 INT64_MAX = int(jnp.iinfo(jnp.int64).max)

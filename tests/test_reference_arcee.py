@@ -51,11 +51,11 @@ from hypothesis import strategies as st  # noqa: E402
 
 from arcee_helpers import ARCHITECTURES, ROPE_TYPES, raw_configs  # noqa: E402
 from hf_helpers import assert_close, assert_same_tokens, hf_generate, hf_outputs, quiet_torch  # noqa: E402
-from params.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from params.config import parse_arcee_config  # noqa: E402
-from ref import arcee  # noqa: E402
-from ref.families import FAMILIES  # noqa: E402
-from ref.generate import Sampling  # noqa: E402
+from refjax.params.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from refjax.params.config import parse_arcee_config  # noqa: E402
+from refjax import arcee  # noqa: E402
+from refjax.tooling.families import FAMILIES  # noqa: E402
+from refjax.generate import Sampling  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
@@ -485,8 +485,8 @@ def test_afm_config_agrees_with_hf_and_meta_param_count():
     import json
 
     from conftest import DATA
-    from params import arcee as arcee_params
-    from params.io import count_params
+    from refjax.params import arcee as arcee_params
+    from refjax.params.io import count_params
 
     with open(os.path.join(DATA, "configs", "AFM-4.5B.json"), encoding="utf-8") as f:
         raw = json.load(f)

@@ -45,13 +45,13 @@ from conftest import DATA  # noqa: E402
 from hf_helpers import (  # noqa: E402
     GPT2_ARCHITECTURES, TOL, assert_close, assert_same_tokens, build_hf_model, hf_generate, hf_outputs, quiet_torch,
     supported_activations)
-from params import gpt2 as gpt2_params  # noqa: E402
-from params.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from params.config import parse_gpt2_config  # noqa: E402
-from params.io import count_params  # noqa: E402
-from ref import gpt2  # noqa: E402
-from ref.families import FAMILIES  # noqa: E402
-from ref.generate import Sampling  # noqa: E402
+from refjax.params import gpt2 as gpt2_params  # noqa: E402
+from refjax.params.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from refjax.params.config import parse_gpt2_config  # noqa: E402
+from refjax.params.io import count_params  # noqa: E402
+from refjax import gpt2  # noqa: E402
+from refjax.tooling.families import FAMILIES  # noqa: E402
+from refjax.generate import Sampling  # noqa: E402
 
 pytestmark = pytest.mark.reference
 

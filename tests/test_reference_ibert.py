@@ -19,9 +19,9 @@ import jax  # noqa: E402
 
 from hf_helpers import assert_close  # noqa: E402
 from ibert_helpers import build_and_save, first_divergence, padded_batch, propagate_hf_scales  # noqa: E402
-from params import ibert as ibert_params  # noqa: E402
-from params.checkpoint import load_checkpoint  # noqa: E402
-from ref import ibert  # noqa: E402
+from refjax.params import ibert as ibert_params  # noqa: E402
+from refjax.params.checkpoint import load_checkpoint  # noqa: E402
+from refjax import ibert  # noqa: E402
 
 pytestmark = pytest.mark.reference
 

@@ -44,8 +44,8 @@ from hypothesis import strategies as st  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from hf_helpers import assert_close, quiet_torch  # noqa: E402
 from mega_helpers import FP32_TOL, FWD, make_inputs, raw_configs, seq_lengths  # noqa: E402
-from params.checkpoint import load_checkpoint  # noqa: E402
-from ref import mega  # noqa: E402
+from refjax.params.checkpoint import load_checkpoint  # noqa: E402
+from refjax import mega  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from golden_mega import reinit_mega  # noqa: E402
@@ -165,7 +165,7 @@ def test_save_checkpoint_round_trips_through_hf_from_pretrained(case, tmp_path):
     `_float_tensor` / `num_batches_tracked` buffers are rebuilt by HF)."""
     from transformers.models.deprecated.mega import modeling_mega
 
-    from params.checkpoint import save_checkpoint
+    from refjax.params.checkpoint import save_checkpoint
 
     src = os.path.join(ROOT, "golden", "mega", case)
     ck = load_checkpoint(src)

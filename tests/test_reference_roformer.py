@@ -21,8 +21,8 @@ transformers = pytest.importorskip("transformers")
 from hf_helpers import TOL, quiet_torch  # noqa: E402
 from roformer_helpers import FWD, SEEDS, raw_configs, rel_err  # noqa: E402
 
-from params.roformer import parse_roformer_config  # noqa: E402
-from ref.families import FAMILIES  # noqa: E402
+from refjax.params.roformer import parse_roformer_config  # noqa: E402
+from refjax.tooling.families import FAMILIES  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
@@ -47,7 +47,7 @@ def hf_model(raw: dict, seed: int, dtype):
 
 
 def refjax_checkpoint(model, tmp_path, dtype):
-    from params.checkpoint import load_checkpoint
+    from refjax.params.checkpoint import load_checkpoint
 
     model.save_pretrained(tmp_path, safe_serialization=True)
     return load_checkpoint(tmp_path, dtype=jnp.dtype(dtype))
@@ -154,7 +154,7 @@ def test_greedy_generation_matches_hf(tmp_path_factory, raw, seed):
 def test_sinusoidal_table_is_hf_bit_for_bit():
     from transformers.models.roformer.modeling_roformer import RoFormerSinusoidalPositionalEmbedding
 
-    from params.roformer import sinusoidal_table
+    from refjax.params.roformer import sinusoidal_table
 
     for positions, dim in ((48, 8), (1536, 64), (100, 6)):
         module = RoFormerSinusoidalPositionalEmbedding(positions, dim)

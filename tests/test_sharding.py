@@ -24,10 +24,10 @@ import jax
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_default_matmul_precision", "highest")
 import jax.numpy as jnp, numpy as np
-from params.checkpoint import load_checkpoint
-from params.io import read_safetensors, tree_paths
-from params import sharding
-from ref.families import FAMILIES
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.io import read_safetensors, tree_paths
+from refjax.params import sharding
+from refjax.tooling.families import FAMILIES
 assert len(jax.devices()) == 8, jax.devices()
 CASES = ("gpt2/lm", "gpt2/double-heads", "arcee/causal-lm", "arcee/mqa", "roformer/causal-lm", "roformer/mc", "mega/causal-lm")
 import re

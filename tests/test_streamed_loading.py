@@ -18,9 +18,9 @@ import jax
 import numpy as np
 
 from conftest import ROOT
-from params import gpt2, io
-from params.checkpoint import load_checkpoint
-from params.config import parse_gpt2_config
+from refjax.params import gpt2, io
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.config import parse_gpt2_config
 
 RAW = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 512, "n_layer": 12, "n_head": 8,
        "vocab_size": 1000, "n_positions": 64}
@@ -34,7 +34,7 @@ def peak_mib():
             return int(line.split()[1]) / 1024
 import jax, jax.numpy as jnp
 jnp.zeros(1).block_until_ready()
-from params.checkpoint import load_checkpoint
+from refjax.params.checkpoint import load_checkpoint
 before = peak_mib()
 ckpt = load_checkpoint({path!r})
 jax.block_until_ready(ckpt.params)

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN, ROOT
-from params.checkpoint import load_checkpoint
-from params.io import read_safetensors, write_safetensors
-from ref import arcee, cli, diff, gpt2, ibert, mega, roformer
+from refjax.params.checkpoint import load_checkpoint
+from refjax.params.io import read_safetensors, write_safetensors
+from refjax import arcee, gpt2, ibert, mega, roformer
+from refjax.tooling import cli, diff
 
 DOC = os.path.join(ROOT, "docs", "taps.md")
 FAMILY_MODULES = {"gpt2": gpt2, "arcee": arcee, "roformer": roformer, "mega": mega, "ibert": ibert}

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from params.tokenizer import decode, encode, load_tokenizer
+from refjax.params.tokenizer import decode, encode, load_tokenizer
 
 GPT2_DIR = Path(__file__).parent / "data" / "tokenizers" / "gpt2"
 GPT2_VOCAB_SIZE = 50257

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import DATA, GOLDEN
-from params import tokenizer as tokenizer_lib
+from refjax.params import tokenizer as tokenizer_lib
 
 VOCAB = os.path.join(DATA, "tokenizers", "chinese-bert-vocab", "vocab.txt")
 TEXTS = [

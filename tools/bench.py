@@ -215,7 +215,7 @@ def hf_and_refjax(family: str, raw_config: dict, attn: str):
     import torch
     import transformers
 
-    from params import checkpoint, io
+    from refjax.params import checkpoint, io
 
     torch.manual_seed(0)
     cls = getattr(transformers, raw_config["architectures"][0])
@@ -247,7 +247,7 @@ def bench_family(name: str, family: str, raw: dict, shapes: list[tuple[int, int]
     import jax
     import jax.numpy as jnp
 
-    from ref.families import FAMILIES
+    from refjax.tooling.families import FAMILIES
 
     rows = [] if rows is None else rows
     ops = FAMILIES[family]
@@ -314,9 +314,9 @@ def compile_times(raw: dict, layer_counts=(4, 12, 48)) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from params import gpt2 as gpt2_params
-    from params.config import parse_gpt2_config
-    from ref import gpt2
+    from refjax.params import gpt2 as gpt2_params
+    from refjax.params.config import parse_gpt2_config
+    from refjax import gpt2
 
     rows = []
     for layers in layer_counts:
@@ -332,8 +332,8 @@ def compile_times(raw: dict, layer_counts=(4, 12, 48)) -> list[dict]:
 def validation_cost(raw: dict, repeats: int) -> dict:
     import jax.numpy as jnp
 
-    from params.config import parse_gpt2_config
-    from ref.validate import check_token_inputs
+    from refjax.params.config import parse_gpt2_config
+    from refjax.validate import check_token_inputs
 
     config = parse_gpt2_config(raw)
     ids = jnp.asarray(np.random.default_rng(2).integers(0, config.vocab_size, (8, 128)), jnp.int32)
@@ -530,7 +530,7 @@ def main(argv=None) -> int:
     failures: list[tuple[str, str]] = []
     rows: list[dict] = []
     state = {"compiles": None, "validation": None}
-    from params.io import atomic_write
+    from refjax.params.io import atomic_write
 
     def write_report() -> str:
         text = report(limits, rows, state["compiles"], state["validation"], args.threads, versions, dev, info,

@@ -61,8 +61,8 @@ if ROOT not in sys.path:  # run as a script from a checkout: import refjax's nam
 
 import numpy as np  # noqa: E402
 
-from params import io  # noqa: E402
-from ref import diff  # noqa: E402
+from refjax.params import io  # noqa: E402
+from refjax import diff  # noqa: E402
 
 DTYPES = ("float32", "float64", "bfloat16")
 
@@ -279,8 +279,8 @@ def hook_ibert(base, rec: Recorder) -> Callable[[dict], None]:
 
 HOOKS = {"gpt2": hook_gpt2, "arcee": hook_arcee, "roformer": hook_roformer, "mega": hook_mega,
          "ibert": hook_ibert}
-TAPS_MODULE = {"gpt2": "ref.gpt2", "arcee": "ref.arcee", "roformer": "ref.roformer", "mega": "ref.mega",
-               "ibert": "ref.ibert"}
+TAPS_MODULE = {"gpt2": "refjax.gpt2", "arcee": "refjax.arcee", "roformer": "refjax.roformer", "mega": "refjax.mega",
+               "ibert": "refjax.ibert"}
 # The tap that HF's `attentions[i]` is (recorded from output_attentions).
 PROBS = {"gpt2": "h.{i}.attn.probs", "arcee": "layers.{i}.self_attn.probs",
          "roformer": "encoder.layer.{i}.attention.self.probs", "mega": "layers.{i}.mega_layer.attn_weights",

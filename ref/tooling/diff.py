@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from params import io
+from refjax.params import io
 
 # Forward outputs after the final norm, in the order a dump lists them (HF field names).
 HEAD_FIELDS = ("last_hidden_state", "logits", "loss", "mc_logits", "mc_loss", "start_logits", "end_logits")

@@ -8,11 +8,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from ref import generate as generate_lib
-from ref import arcee, gpt2
-from ref import ibert
-from ref import mega
-from ref import roformer
+from refjax import generate as generate_lib
+from refjax import arcee, gpt2
+from refjax import ibert
+from refjax import mega
+from refjax import roformer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,10 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from params import checkpoint as checkpoint_lib
-from params import io
-from params import tokenizer as tokenizer_lib
-from ref import families, rotary
+from refjax.params import checkpoint as checkpoint_lib
+from refjax.params import io
+from refjax.params import tokenizer as tokenizer_lib
+from refjax import rotary
+from refjax.tooling import families
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 # Families whose HF float64 path computes internals in float32 (see above), and why.

@@ -63,7 +63,7 @@ def _default_golden_dir() -> str:
 
 def cmd_verify(args) -> int:
     _setup_jax()
-    from ref import verify
+    from refjax.tooling import verify
 
     golden_dir = args.golden or _default_golden_dir()
     cases = verify.golden_cases(golden_dir)
@@ -104,7 +104,7 @@ def _check_out_path(path: str | None) -> None:
 def _load(checkpoint_dir: str, dtype_name: str):
     import jax.numpy as jnp
 
-    from params.checkpoint import load_checkpoint
+    from refjax.params.checkpoint import load_checkpoint
 
     return load_checkpoint(checkpoint_dir, dtype=jnp.dtype(dtype_name))
 
@@ -112,7 +112,7 @@ def _load(checkpoint_dir: str, dtype_name: str):
 def _read_inputs(path: str) -> dict[str, Any]:
     import jax.numpy as jnp
 
-    from params import io
+    from refjax.params import io
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"inputs file {path!r} does not exist")
@@ -130,7 +130,7 @@ def _read_inputs(path: str) -> dict[str, Any]:
 
 
 def _tokenizer(checkpoint_dir: str, flag: str):
-    from params import tokenizer as tokenizer_lib
+    from refjax.params import tokenizer as tokenizer_lib
 
     try:
         return tokenizer_lib.load_tokenizer(checkpoint_dir)
@@ -149,9 +149,9 @@ def cmd_forward(args) -> int:
     _setup_jax()
     import jax.numpy as jnp
 
-    from params import io
-    from params import tokenizer as tokenizer_lib
-    from ref.families import FAMILIES
+    from refjax.params import io
+    from refjax.params import tokenizer as tokenizer_lib
+    from refjax.tooling.families import FAMILIES
 
     _check_out_path(args.out)
     ckpt = _load(args.checkpoint, args.dtype)
@@ -180,8 +180,8 @@ def forward_dump(family: str, out) -> tuple[dict[str, Any], list[str]]:
     model_order) is what `refjax diff` compares in; it goes into the file's metadata."""
     import numpy as np
 
-    from ref import diff
-    from ref.families import FAMILIES
+    from refjax.tooling import diff
+    from refjax.tooling.families import FAMILIES
 
     tensors: dict[str, Any] = {}
     for field in OUTPUT_FIELDS:
@@ -205,10 +205,10 @@ def cmd_generate(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from params import io
-    from params import tokenizer as tokenizer_lib
-    from ref.families import FAMILIES
-    from ref.generate import Sampling
+    from refjax.params import io
+    from refjax.params import tokenizer as tokenizer_lib
+    from refjax.tooling.families import FAMILIES
+    from refjax.generate import Sampling
 
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -266,7 +266,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    from ref import diff
+    from refjax.tooling import diff
 
     for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
         if not value >= 0:  # also rejects NaN
