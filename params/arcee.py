@@ -9,13 +9,246 @@ Llama-like decoder: RMSNorm, grouped-query attention with RoPE, and an MLP witho
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Mapping
+
 import equinox as eqx
 import jax
 import numpy as np
 
 from refjax.params.common import Embedding, Linear, RMSNorm
-from refjax.params.config import ArceeConfig
+from refjax.params.config import ACTIVATIONS, ConfigError, _common, _family_architecture, _Fields, _finite
 from refjax.params.io import NameRule
+
+
+
+# The config: HF `ArceeConfig`, parsed from config.json
+
+ARCEE_ARCHITECTURES = (
+    "ArceeModel",
+    "ArceeForCausalLM",
+    "ArceeForSequenceClassification",
+    "ArceeForTokenClassification",
+    "ArceeForQuestionAnswering",
+)
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+
+# rope_scaling keys each rope_type reads in HF 4.57.6 (modeling_rope_utils.py); others are errors.
+_ROPE_KEYS = {
+    "default": set(),
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "yarn": {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+             "mscale", "mscale_all_dim", "truncate"},
+    "longrope": {"factor", "short_factor", "long_factor", "attention_factor", "original_max_position_embeddings"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """HF `config.rope_scaling`, parsed. Fields a rope_type does not use stay None."""
+
+    rope_type: str = "default"
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ArceeConfig:
+    """HF `ArceeConfig` (models/arcee/configuration_arcee.py) plus the head it is used with."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    hidden_act: str
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling
+    # Top-level `original_max_position_embeddings` (not an ArceeConfig argument, but HF's
+    # longrope reads it from the config object when config.json carries it).
+    original_max_position_embeddings: int | None
+    partial_rotary_factor: float
+    attention_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_id: int | tuple[int, ...] | None  # a tuple when config.json lists several
+    pad_token_id: int | None
+    num_labels: int
+    problem_type: str | None
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+ARCEE_IGNORED = {
+    "model_type": "checked to be 'arcee'",
+    "attention_dropout": "dropout: inference is deterministic",
+    "classifier_dropout": "dropout: inference is deterministic",
+    "is_decoder": "Arcee is always a causal decoder",
+}
+
+
+def _parse_rope_scaling(raw: Any, f: _Fields) -> RopeScaling:
+    if raw is None:
+        return RopeScaling()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"arcee config: field 'rope_scaling' must be an object or null, got {raw!r}")
+    raw = dict(raw)
+    rope_type = raw.pop("rope_type", None)
+    legacy = raw.pop("type", None)  # HF copies the legacy "type" key into "rope_type"
+    rope_type = rope_type or legacy or "default"
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"arcee config: field 'rope_scaling.rope_type' is {rope_type!r}; accepted values: "
+                          + ", ".join(repr(t) for t in ROPE_TYPES))
+    unknown = sorted(set(raw) - _ROPE_KEYS[rope_type])
+    if unknown:
+        raise ConfigError(f"arcee config: rope_scaling key(s) {', '.join(map(repr, unknown))} are not used by "
+                          f"rope_type {rope_type!r} (accepted: {', '.join(sorted(_ROPE_KEYS[rope_type])) or 'none'})")
+
+    def number(key, required=False, positive=True):
+        value = raw.get(key)
+        if value is None:
+            if required:
+                raise ConfigError(f"arcee config: rope_type {rope_type!r} needs 'rope_scaling.{key}'")
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) \
+                or (positive and value <= 0):
+            raise ConfigError(f"arcee config: field 'rope_scaling.{key}' must be a positive number, got {value!r}")
+        return float(value)
+
+    def factors(key):
+        value = raw.get(key)
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and v > 0 for v in value):
+            raise ConfigError(f"arcee config: rope_type 'longrope' needs 'rope_scaling.{key}' as a list of "
+                              f"positive numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+
+    factor = number("factor", required=rope_type in ("linear", "dynamic", "yarn", "llama3"))
+    if factor is not None and factor < 1 and rope_type != "longrope":
+        raise ConfigError(f"arcee config: field 'rope_scaling.factor' must be >= 1, got {factor}")
+    original = raw.get("original_max_position_embeddings")
+    if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original < 1):
+        raise ConfigError(f"arcee config: field 'rope_scaling.original_max_position_embeddings' must be a positive "
+                          f"integer, got {original!r}")
+    if rope_type == "llama3" and original is None:
+        raise ConfigError("arcee config: rope_type 'llama3' needs 'rope_scaling.original_max_position_embeddings'")
+    truncate = raw.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"arcee config: field 'rope_scaling.truncate' must be true or false, got {truncate!r}")
+    return RopeScaling(
+        rope_type=rope_type,
+        factor=factor,
+        original_max_position_embeddings=original,
+        attention_factor=number("attention_factor"),
+        beta_fast=number("beta_fast"),
+        beta_slow=number("beta_slow"),
+        mscale=number("mscale", positive=False),
+        mscale_all_dim=number("mscale_all_dim", positive=False),
+        truncate=truncate,
+        short_factor=factors("short_factor") if rope_type == "longrope" else None,
+        long_factor=factors("long_factor") if rope_type == "longrope" else None,
+        low_freq_factor=number("low_freq_factor", required=rope_type == "llama3"),
+        high_freq_factor=number("high_freq_factor", required=rope_type == "llama3"),
+    )
+
+
+def parse_arcee_config(raw: Mapping[str, Any], architecture: str | None = None) -> ArceeConfig:
+    """Parse an Arcee config.json dict with HF's defaults; unknown keys are errors."""
+    f = _Fields(raw, "arcee")
+    architecture = _family_architecture(raw, "arcee", architecture, ARCEE_ARCHITECTURES)
+    hidden_size = f.int("hidden_size", 2560)
+    heads = f.int("num_attention_heads", 32)
+    kv_heads = f.int("num_key_value_heads", None, optional=True) or heads  # HF: None -> MHA
+    if heads % kv_heads:
+        raise ConfigError(f"arcee config: field 'num_key_value_heads' ({kv_heads}) must divide "
+                          f"'num_attention_heads' ({heads})")
+    head_dim = f.int("head_dim", None, optional=True)
+    if head_dim is None:
+        if hidden_size % heads:
+            raise ConfigError(f"arcee config: field 'num_attention_heads' ({heads}) must divide 'hidden_size' "
+                              f"({hidden_size}) when 'head_dim' is not given")
+        head_dim = hidden_size // heads
+    partial = f.float("partial_rotary_factor", 1.0, positive=True)
+    if partial != 1.0:  # HF's Arcee attention rotates the whole head and fails on a partial table
+        raise ConfigError(f"arcee config: field 'partial_rotary_factor' must be 1.0 (HF's ArceeAttention rotates "
+                          f"the whole head), got {partial}")
+    if head_dim % 2:
+        raise ConfigError(f"arcee config: field 'head_dim' must be even for rotary embeddings, got {head_dim}")
+    f.used.add("rope_scaling")
+    rope = _parse_rope_scaling(raw.get("rope_scaling"), f)
+    rotary_half = int(head_dim * partial) // 2
+    for key in ("short_factor", "long_factor"):
+        value = getattr(rope, key)
+        if value is not None and len(value) != rotary_half:
+            raise ConfigError(f"arcee config: 'rope_scaling.{key}' has {len(value)} entries; expected rotary_dim/2 "
+                              f"= {rotary_half}")
+    vocab_size = f.int("vocab_size", 32000)
+    config = ArceeConfig(
+        architecture=architecture,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=f.int("intermediate_size", 18432),
+        num_hidden_layers=f.int("num_hidden_layers", 32),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_act=f.choice("hidden_act", "relu2", ACTIVATIONS),
+        max_position_embeddings=f.int("max_position_embeddings", 4096),
+        rms_norm_eps=f.float("rms_norm_eps", 1e-5, positive=True),
+        rope_theta=f.float("rope_theta", 10000.0, positive=True),
+        rope_scaling=rope,
+        original_max_position_embeddings=f.int("original_max_position_embeddings", None, optional=True),
+        partial_rotary_factor=partial,
+        attention_bias=f.bool("attention_bias", False),
+        mlp_bias=f.bool("mlp_bias", False),
+        tie_word_embeddings=f.bool("tie_word_embeddings", False),
+        bos_token_id=f.token_id("bos_token_id"),
+        eos_token_id=f.token_id("eos_token_id", allow_list=True),
+        pad_token_id=f.token_id("pad_token_id"),
+        **_common(f),
+    )
+    f.check_all_used(ARCEE_IGNORED)
+    _check_rope_against_sizes(config)
+    return config
+
+
+def _check_rope_against_sizes(config: ArceeConfig) -> None:
+    """Combinations on which HF's rope init functions divide by zero or compare None
+    (a ZeroDivisionError / TypeError at model build there): refused here, by name."""
+    rope = config.rope_scaling
+    if rope.rope_type == "dynamic" and config.head_dim <= 2:
+        raise ConfigError(f"arcee config: rope_type 'dynamic' needs 'head_dim' > 2 (its NTK base grows with the "
+                          f"power d / (d - 2)), got {config.head_dim}")
+    if rope.rope_type == "longrope" and rope.attention_factor is None:
+        original = config.original_max_position_embeddings
+        if not original and rope.factor is None:
+            raise ConfigError("arcee config: rope_type 'longrope' needs 'rope_scaling.factor' (or a top-level "
+                              "'original_max_position_embeddings', or 'rope_scaling.attention_factor')")
+        factor = config.max_position_embeddings / original if original else rope.factor
+        if factor > 1 and (original or config.max_position_embeddings) == 1:
+            raise ConfigError("arcee config: rope_type 'longrope' derives its attention factor from "
+                              "log(original_max_position_embeddings), which is 0 here; give "
+                              "'rope_scaling.attention_factor' or a longer original context")
 
 
 class ArceeAttention(eqx.Module):

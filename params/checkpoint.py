@@ -28,8 +28,8 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family(config_lib.parse_gpt2_config, gpt2),
-    "arcee": Family(config_lib.parse_arcee_config, arcee),
+    "gpt2": Family(gpt2.parse_gpt2_config, gpt2),
+    "arcee": Family(arcee.parse_arcee_config, arcee),
     "ibert": Family(ibert.parse_ibert_config, ibert),
     "mega": Family(mega.parse_mega_config, mega),
     "roformer": Family(roformer.parse_roformer_config, roformer),

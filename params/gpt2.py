@@ -8,13 +8,153 @@ already [in, out]; the heads are `nn.Linear`, stored [out, in] in HF and transpo
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Mapping
+
 import equinox as eqx
 import jax
 import numpy as np
 
 from refjax.params.common import Embedding, LayerNorm, Linear
-from refjax.params.config import GPT2Config
+from refjax.params.config import ACTIVATIONS, SUMMARY_TYPES, ConfigError, _common, _family_architecture, _Fields
 from refjax.params.io import NameRule
+
+
+
+# The config: HF `GPT2Config`, parsed from config.json
+
+GPT2_ARCHITECTURES = (
+    "GPT2Model",
+    "GPT2LMHeadModel",
+    "GPT2DoubleHeadsModel",
+    "GPT2ForSequenceClassification",
+    "GPT2ForTokenClassification",
+    "GPT2ForQuestionAnswering",
+)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """HF `GPT2Config` (models/gpt2/configuration_gpt2.py) plus the head it is used with."""
+
+    architecture: str
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int | None
+    activation_function: str
+    layer_norm_epsilon: float
+    scale_attn_weights: bool
+    scale_attn_by_inverse_layer_idx: bool
+    reorder_and_upcast_attn: bool
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_id: int | tuple[int, ...] | None  # a tuple when config.json lists several
+    pad_token_id: int | None
+    num_labels: int
+    problem_type: str | None
+    summary_type: str
+    summary_use_proj: bool
+    summary_activation: str | None
+    summary_proj_to_labels: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def summary_size(self) -> int:
+        """Output width of the double-heads summary projection (GPT2SequenceSummary)."""
+        if self.summary_proj_to_labels and self.num_labels > 0:
+            return self.num_labels
+        return self.n_embd
+
+
+GPT2_IGNORED = {
+    "model_type": "checked to be 'gpt2'",
+    "n_ctx": "legacy alias of n_positions",
+    "resid_pdrop": "dropout: inference is deterministic",
+    "embd_pdrop": "dropout: inference is deterministic",
+    "attn_pdrop": "dropout: inference is deterministic",
+    "summary_first_dropout": "dropout: inference is deterministic",
+    "summary_last_dropout": "dropout: inference is deterministic",
+    "classifier_dropout": "dropout: inference is deterministic",
+    "add_cross_attention": "must be false: checked below",
+    "is_decoder": "GPT-2 is always a causal decoder",
+}
+
+
+# HF GPT2Config.attribute_map: generic names HF accepts for GPT-2's own keys.
+GPT2_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+                "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
+
+
+def _resolve_aliases(raw: Mapping[str, Any], aliases: Mapping[str, str], family: str) -> dict[str, Any]:
+    """Rename HF attribute_map aliases to the family's own keys (both present: must agree)."""
+    raw = dict(raw)
+    for alias, key in aliases.items():
+        if alias in raw:
+            value = raw.pop(alias)
+            if key in raw and raw[key] != value:
+                raise ConfigError(f"{family} config: fields '{alias}' ({value!r}) and '{key}' ({raw[key]!r}) disagree")
+            raw[key] = value
+    return raw
+
+
+def parse_gpt2_config(raw: Mapping[str, Any], architecture: str | None = None) -> GPT2Config:
+    """Parse a GPT-2 config.json dict with HF's defaults; unknown keys are errors."""
+    raw = _resolve_aliases(raw, GPT2_ALIASES, "gpt2")
+    f = _Fields(raw, "gpt2")
+    architecture = _family_architecture(raw, "gpt2", architecture, GPT2_ARCHITECTURES)
+    if raw.get("add_cross_attention"):
+        raise ConfigError("gpt2 config: field 'add_cross_attention' is not supported (GPT-2 as a cross-attending decoder)")
+    n_embd = f.int("n_embd", 768)
+    n_head = f.int("n_head", 12)
+    if n_embd % n_head:
+        raise ConfigError(f"gpt2 config: field 'n_head' ({n_head}) must divide 'n_embd' ({n_embd})")
+    vocab_size = f.int("vocab_size", 50257)
+    summary_activation = f.raw.get("summary_activation")
+    f.used.add("summary_activation")
+    if summary_activation is not None and summary_activation not in ACTIVATIONS:
+        # HF's get_activation: any ACT2FN name; null or "" means identity.
+        if summary_activation != "":
+            raise ConfigError(
+                f"gpt2 config: field 'summary_activation' is {summary_activation!r}; accepted values: "
+                + ", ".join(ACTIVATIONS) + ", or null"
+            )
+        summary_activation = None
+    config = GPT2Config(
+        architecture=architecture,
+        vocab_size=vocab_size,
+        n_positions=f.int("n_positions", 1024),
+        n_embd=n_embd,
+        n_layer=f.int("n_layer", 12),
+        n_head=n_head,
+        n_inner=f.int("n_inner", None, optional=True),
+        activation_function=f.choice("activation_function", "gelu_new", ACTIVATIONS),
+        layer_norm_epsilon=f.float("layer_norm_epsilon", 1e-5, positive=True),
+        scale_attn_weights=f.bool("scale_attn_weights", True),
+        scale_attn_by_inverse_layer_idx=f.bool("scale_attn_by_inverse_layer_idx", False),
+        reorder_and_upcast_attn=f.bool("reorder_and_upcast_attn", False),
+        tie_word_embeddings=f.bool("tie_word_embeddings", True),
+        bos_token_id=f.token_id("bos_token_id"),
+        eos_token_id=f.token_id("eos_token_id", allow_list=True),
+        pad_token_id=f.token_id("pad_token_id"),
+        summary_type=f.choice("summary_type", "cls_index", SUMMARY_TYPES),
+        summary_use_proj=f.bool("summary_use_proj", True),
+        summary_activation=summary_activation,
+        summary_proj_to_labels=f.bool("summary_proj_to_labels", True),
+        **{**_common(f), **({"num_labels": 1} if architecture == "GPT2DoubleHeadsModel" else {})},
+    )
+    f.check_all_used(GPT2_IGNORED)
+    return config
 
 
 class GPT2Attention(eqx.Module):

@@ -1,80 +1,104 @@
 """Arcee (AFM-4.5B, Arcee AI 2025): a Llama-style decoder with a ReLU² MLP and no gate.
 
-Mirrors HF `transformers/models/arcee/modeling_arcee.py` (eager attention). Reads top to
-bottom: embeddings -> rotary -> attention -> MLP -> decoder layer -> stack (a `lax.scan`
-over stacked layers) -> heads -> `forward`.
+Mirrors HF `transformers/models/arcee/modeling_arcee.py` (eager attention). Pre-RMSNorm
+layers, rotary positions on q and k (ref/rotary.py: every HF `rope_scaling` type):
 
-Pre-RMSNorm layer:  x = x + o_proj(attn(rope(q), rope(k), v));  x = x + down(act(up(rms(x)))).
-Grouped-query attention: K = num_key_value_heads key/value heads serve N query heads,
-without materialising repeated K/V (ref/attention.py). Query scale 1/sqrt(head_dim).
+    x = x + o_proj(attn(rope(q), rope(k), v));   x = x + down_proj(act(up_proj(rms(x))));   norm(x)
+
+Grouped-query attention: K = num_key_value_heads key/value heads serve N query heads
+without repeating K/V in memory (ref/attention.py). Query scale 1/sqrt(H).
+The math core reads top to bottom: attention -> mlp -> decoder_layer -> model; then the
+HF classes (heads) as data, and `forward`. Shapes as in ref/nn.py.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
-from refjax.params.arcee import ArceeLayer, ArceeParams
-from refjax.params.config import ArceeConfig
+from refjax import attention as attn_lib
 from refjax import cache as cache_lib
-from refjax import heads, losses, nn, rotary
-from refjax.attention import FUTURE_FINFO_MIN, causal_mask, fast_attention, softmax_attention
-from refjax.cache import KVCache, write_slots
-from refjax import layers
-from refjax.layers import run_layers
-from refjax.validate import as_arrays, check_task_labels, check_token_inputs
+from refjax import heads, layers, nn, rotary, shell
+from refjax.attention import FUTURE_FINFO_MIN, Mask
+from refjax.cache import KVCache, LayerKV
+from refjax.layers import LayerOut
+from refjax.params.arcee import ArceeAttention, ArceeBody, ArceeConfig, ArceeLayer, ArceeMLP, ArceeParams
+from refjax.shell import Body, Head, Tokens
 
 
-def attention(p: ArceeLayer, config: ArceeConfig, x, cos, sin, key_valid, causal, kv_cache, start, fast=False):
-    """GQA self-attention with RoPE on q and k. x [B, T, D] (already RMS-normed)."""
+def attention(p: ArceeAttention, config: ArceeConfig, x: Float[Array, "B T D"], cos: Float[Array, "B T H"],
+              sin: Float[Array, "B T H"], mask: Mask, kv: LayerKV | None = None, fast: bool = False) -> LayerOut:
+    """GQA self-attention with RoPE on q and k (HF `ArceeAttention`, eager). Rotated keys
+    are what the cache holds, as in HF. HF's Llama-style mask is one additive finfo.min mask
+    for pad and future keys alike (`FUTURE_FINFO_MIN`)."""
     B, T, _ = x.shape
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    q = nn.linear(p.self_attn.q_proj, x).reshape(B, T, N, H)
-    k = nn.linear(p.self_attn.k_proj, x).reshape(B, T, K, H)
-    v = nn.linear(p.self_attn.v_proj, x).reshape(B, T, K, H)
+    q = nn.linear(p.q_proj, x).reshape(B, T, N, H)
+    k = nn.linear(p.k_proj, x).reshape(B, T, K, H)
+    v = nn.linear(p.v_proj, x).reshape(B, T, K, H)
     q_rot, k_rot = rotary.apply_rotary(q, cos, sin), rotary.apply_rotary(k, cos, sin)
-    if kv_cache is not None:  # rotated keys are cached, as HF caches them
-        k_all, v_all = write_slots(kv_cache[0], k_rot, start), write_slots(kv_cache[1], v, start)  # [B, S, K, H]
+    keys, values = k_rot, v
+    if kv is not None:
+        kv = cache_lib.write_layer(kv, k_rot, v, mask.start)
+        keys, values = kv  # [B, S, K, H]
+    if fast:  # jax.nn.dot_product_attention; no probabilities (ref/attention.py)
+        context, probs, scores = attn_lib.fast_attention(q_rot, keys, values, mask.key_valid, mask.causal, H ** -0.5,
+                                                         mask.filled), None, None
     else:
-        k_all, v_all = k_rot, v
-    # HF's Llama-style mask is one additive finfo.min mask for pad and future keys alike.
-    filled = None if kv_cache is None else start + T
-    if fast:  # jax.nn.dot_product_attention; no probabilities (see ref/attention.py)
-        context, probs, scores = fast_attention(q_rot, k_all, v_all, key_valid, causal, H ** -0.5, filled), None, None
-    else:
-        context, probs, scores = softmax_attention(q_rot, k_all, v_all, key_valid, causal, H ** -0.5,
-                                                   future_fill=FUTURE_FINFO_MIN, filled=filled)
-    out = nn.linear(p.self_attn.o_proj, context.reshape(B, T, N * H))
+        context, probs, scores = attn_lib.softmax_attention(q_rot, keys, values, mask.key_valid, mask.causal,
+                                                            H ** -0.5, future_fill=FUTURE_FINFO_MIN,
+                                                            filled=mask.filled)
+    out = nn.linear(p.o_proj, context.reshape(B, T, N * H))
     # projections in HF's module layout [B, T, heads * H]; rotated q, k and the context per head
     taps = {"self_attn.q_proj": q.reshape(B, T, N * H), "self_attn.k_proj": k.reshape(B, T, K * H),
             "self_attn.v_proj": v.reshape(B, T, K * H), "self_attn.q_rot": q_rot, "self_attn.k_rot": k_rot,
             "self_attn.scores": scores, "self_attn.probs": probs, "self_attn.context": context,
             "self_attn.o_proj": out}
-    return out, probs, (k_all, v_all), taps
+    return LayerOut(out, probs, kv, taps)
 
 
-def mlp(p: ArceeLayer, config: ArceeConfig, x):
-    """down_proj(act(up_proj(x))): no gate projection (AFM-4.5B uses act = relu2)."""
-    up = nn.linear(p.mlp.up_proj, x)  # [B, T, F]
+def mlp(p: ArceeMLP, config: ArceeConfig, x: Float[Array, "B T D"]):
+    """down_proj(act(up_proj(x))): no gate projection (AFM-4.5B: act = relu2). -> ([B, T, D], taps)"""
+    up = nn.linear(p.up_proj, x)  # [B, T, F]
     act = nn.ACT2FN[config.hidden_act](up)
-    out = nn.linear(p.mlp.down_proj, act)
+    out = nn.linear(p.down_proj, act)
     return out, {"mlp.up_proj": up, "mlp.act_fn": act, "mlp.down_proj": out}
 
 
-def decoder_layer(p: ArceeLayer, config: ArceeConfig, x, cos, sin, key_valid, causal, kv_cache=None, start=None,
-                  fast=False):
-    """HF `ArceeDecoderLayer`. p holds ONE layer's params (scan slices the stack)."""
-    eps = config.rms_norm_eps
-    h1 = nn.rms_norm(p.input_layernorm, x, eps)
-    attn_out, probs, new_kv, attn_taps = attention(p, config, h1, cos, sin, key_valid, causal, kv_cache, start, fast)
-    x = x + attn_out
-    h2 = nn.rms_norm(p.post_attention_layernorm, x, eps)
-    mlp_out, mlp_taps = mlp(p, config, h2)
-    out = x + mlp_out
+def decoder_layer(p: ArceeLayer, config: ArceeConfig, x: Float[Array, "B T D"], cos: Float[Array, "B T H"],
+                  sin: Float[Array, "B T H"], mask: Mask, kv: LayerKV | None = None, fast: bool = False) -> LayerOut:
+    """HF `ArceeDecoderLayer` (pre-RMSNorm); p holds ONE layer's params (the scan slices the stack)."""
+    h1 = nn.rms_norm(p.input_layernorm, x, config.rms_norm_eps)
+    a = attention(p.self_attn, config, h1, cos, sin, mask, kv, fast)
+    x = x + a.x
+    h2 = nn.rms_norm(p.post_attention_layernorm, x, config.rms_norm_eps)
+    m, mlp_taps = mlp(p.mlp, config, h2)
+    out = x + m
     # "" names the layer's own output (HF module `layers.{i}`); "resid_attn" is x + attn before the norm
-    taps = {"input_layernorm": h1, **attn_taps, "resid_attn": x, "post_attention_layernorm": h2, **mlp_taps,
-            "": out}
-    return out, probs, new_kv, taps
+    taps = {"input_layernorm": h1, **a.taps, "resid_attn": x, "post_attention_layernorm": h2, **mlp_taps, "": out}
+    return LayerOut(out, a.probs, a.kv, taps)
+
+
+def model(p: ArceeBody, config: ArceeConfig, tokens: Tokens, cache: KVCache | None = None, *, taps: bool = False,
+          fast: bool = False, remat: bool = False) -> Body:
+    """HF `ArceeModel`. Same position and cache conventions as ref/gpt2.py: positions
+    default to the slot numbers; with a cache, attention_mask covers only the new tokens."""
+    B, T = tokens.shape
+    mask = attn_lib.mask_for(tokens.attention_mask, B, T, cache)
+    position_ids = jnp.broadcast_to(mask.slots, (B, T)) if tokens.position_ids is None else tokens.position_ids
+    x = nn.embed(p.embed_tokens, tokens.input_ids) if tokens.inputs_embeds is None else tokens.inputs_embeds
+    inv_freq, attention_scaling = rotary.rope_frequencies(config, position_ids)
+    cos, sin = rotary.rope_cos_sin(inv_freq, attention_scaling, position_ids, x.dtype)  # [B, T, H]
+    stack = layers.run_stack(lambda layer, i, x, kv: decoder_layer(layer, config, x, cos, sin, mask, kv, fast), x,
+                             p.layers, None if cache is None else cache.layers, remat=remat, taps=taps)
+    last = nn.rms_norm(p.norm, stack.x, config.rms_norm_eps)
+    tap_values = None
+    if taps:
+        tap_values = {"embed_tokens": x, "rotary_emb.cos": cos, "rotary_emb.sin": sin,
+                      **layers.prefixed_taps("layers", stack.taps), "norm": last}
+    return Body(last_hidden_state=last, hidden_states=layers.hidden_states(stack, last), attentions=stack.attentions,
+                cache=None if cache is None else cache_lib.updated(cache, stack.kv, mask.key_valid, T),
+                taps=tap_values)
 
 
 # Every tap `forward(..., taps=True)` returns, in dataflow order, as `refjax forward --taps`
@@ -90,103 +114,72 @@ TAPS = ("embed_tokens", "rotary_emb.cos", "rotary_emb.sin",
         "norm")
 
 
-def model(p: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=None, position_ids=None,
-          inputs_embeds=None, cache: KVCache | None = None, want_taps=False, fast=False, remat=False):
-    """HF `ArceeModel`: returns (last_hidden_state, hidden_states, attentions, new_cache, taps).
-
-    Same position and cache conventions as ref/gpt2.py: positions default to the slot
-    numbers; with a cache, attention_mask covers only the new tokens.
-    """
-    body = p.model
-    B, T = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-    start = jnp.zeros((), jnp.int32) if cache is None else cache.length
-    slots = start + jnp.arange(T, dtype=jnp.int32)  # [T]
-    if position_ids is None:
-        position_ids = jnp.broadcast_to(slots, (B, T))
-    new_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
-    key_valid = new_valid if cache is None else write_slots(cache.key_valid, new_valid, start)  # [B, S]
-    causal = causal_mask(slots, key_valid.shape[1])  # [T, S]
-
-    x = nn.embed(body.embed_tokens, input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
-    inv_freq, attention_scaling = rotary.rope_frequencies(config, position_ids)
-    cos, sin = rotary.rope_cos_sin(inv_freq, attention_scaling, position_ids, x.dtype)  # [B, T, H]
-    embed_x = x
-
-    def step(x, layer):
-        layer_params, _, kv = layer
-        x_in = x
-        x, probs, new_kv, taps = decoder_layer(layer_params, config, x, cos, sin, key_valid, causal, kv, start, fast)
-        return x, (x_in, probs, new_kv if cache is not None else None, taps if want_taps else None)
-
-    kv_stack = None if cache is None else (cache.keys, cache.values)
-    # a lax.scan over the stacked layers (or a loop over `ref.layers.unstack`ed ones)
-    x, (layer_inputs, attentions, new_kv, layer_taps) = run_layers(step, x, body.layers, kv_stack, remat)
-    last = nn.rms_norm(body.norm, x, config.rms_norm_eps)
-    hidden_states = jnp.concatenate([layer_inputs, last[None]], axis=0)  # [L + 1, B, T, D]
-    new_cache = None
-    if cache is not None:
-        new_cache = KVCache(keys=new_kv[0], values=new_kv[1], key_valid=key_valid, length=start + T)
-    taps = None
-    if want_taps:
-        taps = {"embed_tokens": embed_x, "rotary_emb.cos": cos, "rotary_emb.sin": sin,
-                **{f"layers.{k}" if k else "layers": v for k, v in layer_taps.items()}, "norm": last}
-    return last, hidden_states, attentions, new_cache, taps
+# ---------------------------------------------------------------------------------------
+# HF classes: ArceeModel, ArceeForCausalLM, ArceeFor{Sequence,Token}Classification,
+# ArceeForQuestionAnswering
+# ---------------------------------------------------------------------------------------
 
 
-def forward(params: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=None, position_ids=None,
-            inputs_embeds=None, labels=None, start_positions=None, end_positions=None, cache: KVCache | None = None,
-            *, logits_to_keep: int = 0, output_hidden_states=False, output_attentions=False,
-            taps=False, fast=False, remat=False) -> heads.Output:
+def causal_lm(params: ArceeParams, config: ArceeConfig, hidden, batch, logits_to_keep: int = 0) -> dict:
+    """The LM head (untied, or tied to embed_tokens [V, D]) on the last `logits_to_keep`
+    positions (0 = all), as HF computes them. -> logits [B, T or n, V]"""
+    kept = hidden if not logits_to_keep else hidden[:, -logits_to_keep:]
+    return {"logits": heads.lm_logits(params.lm_head, params.model.embed_tokens.table, kept)}
+
+
+def sequence_classification(params: ArceeParams, config: ArceeConfig, hidden, batch) -> dict:
+    """Score every token, keep the last non-pad one (HF `ArceeForSequenceClassification`)."""
+    return {"logits": heads.last_token_scores(params.score, hidden, batch.tokens.input_ids, config.pad_token_id)}
+
+
+def token_classification(params: ArceeParams, config: ArceeConfig, hidden, batch) -> dict:
+    return {"logits": nn.linear(params.score, hidden)}  # [B, T, num_labels]
+
+
+def question_answering(params: ArceeParams, config: ArceeConfig, hidden, batch) -> dict:
+    return heads.span_logits(params.qa_outputs, hidden)  # start_logits, end_logits [B, T]
+
+
+CLASSES = shell.Classes(
+    family="arcee",
+    heads={
+        "ArceeModel": Head("base"),
+        "ArceeForCausalLM": Head("causal_lm", causal_lm),
+        "ArceeForSequenceClassification": Head("sequence", sequence_classification),
+        "ArceeForTokenClassification": Head("token", token_classification),
+        "ArceeForQuestionAnswering": Head("qa", question_answering),
+    },
+    inputs=("input_ids", "attention_mask", "position_ids", "inputs_embeds", "labels", "start_positions",
+            "end_positions"),
+    # RoPE has no position table: sequences may run past max_position_embeddings, as in HF
+    # (dynamic/yarn/longrope scaling decide what that means)
+    limits=lambda c: shell.Limits(embed_width=c.hidden_size),
+)
+
+
+def forward(params: ArceeParams, config: ArceeConfig, input_ids=None, attention_mask=None, *,
+            cache: KVCache | None = None, logits_to_keep: int = 0, output_hidden_states: bool = False,
+            output_attentions: bool = False, taps: bool = False, fast: bool = False, remat: bool = False,
+            **inputs) -> heads.Output:
     """Any HF Arcee class, chosen by `config.architecture`; returns HF's output fields.
 
-    `logits_to_keep` (ArceeForCausalLM): compute logits for only the last n positions
-    (0 = all), as HF does; the loss then needs n = 0 (HF shifts labels against all logits).
-    RoPE has no position table, so sequences may run past max_position_embeddings
-    (dynamic/yarn/longrope scaling decide what that means), as in HF.
-    `fast=True` uses `jax.nn.dot_product_attention` (no attentions or attention taps).
-    `remat=True` recomputes each layer in the backward pass (`jax.checkpoint`).
+    inputs: HF's names, `position_ids`, `inputs_embeds`, `labels`, `start_positions`,
+    `end_positions`. `logits_to_keep` (ArceeForCausalLM): logits for only the last n
+    positions (0 = all), as HF; the loss then needs n = 0. `fast=True`:
+    `jax.nn.dot_product_attention` (no attentions or attention taps). `remat=True`: each
+    layer recomputed in the backward pass.
     """
-    x = as_arrays(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  inputs_embeds=inputs_embeds, labels=labels, start_positions=start_positions,
-                  end_positions=end_positions)
-    input_ids, attention_mask, position_ids, inputs_embeds, labels, start_positions, end_positions = x.values()
-    arch = config.architecture
-    if fast and (output_attentions or taps):
-        raise ValueError("fast=True computes no attention probabilities; use fast=False for attentions or taps")
-    shape = check_token_inputs(vocab_size=config.vocab_size, hidden_size=config.hidden_size, input_ids=input_ids,
-                               attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
-                               cache=cache, max_positions=None)
-    if arch == "ArceeForCausalLM":
-        check_task_labels("lm", labels, shape, config.vocab_size)
-        if labels is not None and logits_to_keep:
-            raise ValueError("labels need logits for every position: use logits_to_keep=0 with labels")
-    elif arch == "ArceeForSequenceClassification":
-        check_task_labels("sequence", labels, shape, config.num_labels, config.problem_type)
-    elif arch == "ArceeForTokenClassification":
-        check_task_labels("token", labels, shape, config.num_labels)
-
-    last, hidden_states, attentions, new_cache, tap_values = model(
-        params, config, input_ids, attention_mask, position_ids, inputs_embeds, cache, taps, fast, remat)
-    out = dict(last_hidden_state=last, cache=new_cache, taps=tap_values,
-               hidden_states=hidden_states if output_hidden_states else None,
-               attentions=attentions if output_attentions else None)
-    if arch == "ArceeForCausalLM":
-        kept = last if not logits_to_keep else last[:, -logits_to_keep:]
-        out["logits"] = heads.lm_logits(params.lm_head, params.model.embed_tokens.table, kept)
-        if labels is not None:
-            out["loss"] = losses.causal_lm_loss(out["logits"], labels)
-    elif arch == "ArceeForSequenceClassification":
-        out["logits"], out["loss"] = heads.sequence_classification(
-            params.score, last, input_ids, config.pad_token_id, config.num_labels, config.problem_type, labels)
-    elif arch == "ArceeForTokenClassification":
-        out["logits"], out["loss"] = heads.token_classification(params.score, last, config.num_labels, labels)
-    elif arch == "ArceeForQuestionAnswering":
-        out["start_logits"], out["end_logits"], out["loss"] = heads.question_answering(
-            params.qa_outputs, last, start_positions, end_positions)
-    return heads.Output(**out)
+    batch = shell.prepare(CLASSES, config, dict(input_ids=input_ids, attention_mask=attention_mask, **inputs),
+                          cache=cache, fast=fast, taps=taps, output_attentions=output_attentions)
+    if logits_to_keep and batch.inputs["labels"] is not None and config.architecture == "ArceeForCausalLM":
+        raise ValueError("labels need logits for every position: use logits_to_keep=0 with labels")
+    body = model(params.model, config, batch.tokens, cache, taps=taps, fast=fast, remat=remat)
+    head_options = {"logits_to_keep": logits_to_keep} if config.architecture == "ArceeForCausalLM" else {}
+    return shell.finish(CLASSES, params, config, batch, body, output_hidden_states=output_hidden_states,
+                        output_attentions=output_attentions, **head_options)
 
 
-def unstack_layers(params):
+def unstack_layers(params: ArceeParams) -> ArceeParams:
     """The same params with the layers as a tuple, for decoding (see ref/layers.py)."""
     return layers.unstack_at(params, lambda p: p.model.layers)
 

@@ -25,7 +25,7 @@ from refjax.attention import Mask
 from refjax.cache import KVCache, LayerKV
 from refjax.layers import LayerOut
 from refjax.params.common import Embedding
-from refjax.params.config import GPT2Config
+from refjax.params.gpt2 import GPT2Config
 from refjax.params.gpt2 import GPT2MLP, GPT2Attention, GPT2Block, GPT2Body, GPT2Params
 from refjax.shell import Body, Head, Tokens
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refjax.params.config import ArceeConfig, RopeScaling
+from refjax.params.arcee import ArceeConfig, RopeScaling
 
 
 def _f32_pow(base, exponent) -> np.ndarray:

@@ -158,6 +158,7 @@ def prepare(classes: Classes, config, inputs: Mapping[str, Any], *, cache=None, 
     Raises ValueError (TypeError for an unknown input name) naming the culprit."""
     check_names(classes, inputs)
     x = as_arrays(**{name: inputs.get(name) for name in classes.inputs})
+    x = {**dict.fromkeys(TOKEN_INPUTS), **x}  # token inputs a family does not take (RoFormer: position_ids): None
     arch = config.architecture
     head = classes.heads[arch]
     if fast and (output_attentions or taps):

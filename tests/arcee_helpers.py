@@ -21,7 +21,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from refjax.params import arcee as arcee_params
-from refjax.params.config import parse_arcee_config
+from refjax.params.arcee import parse_arcee_config
 from refjax import arcee
 
 FP32_TOL = 1e-5

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from conftest import GOLDEN
 from refjax.params import gpt2 as gpt2_params
 from refjax.params.checkpoint import load_checkpoint
-from refjax.params.config import parse_gpt2_config
+from refjax.params.gpt2 import parse_gpt2_config
 from refjax.params.io import read_safetensors
 from refjax import gpt2
 
@@ -124,3 +124,11 @@ def load_golden(case: str, dtype=jnp.float32):
     case_dir = os.path.join(GOLDEN, "gpt2", case)
     golden, _ = read_safetensors(os.path.join(case_dir, "golden.safetensors"))
     return load_checkpoint(case_dir, dtype=dtype), golden
+
+
+def count_gpt2_params(config) -> int:
+    """Number of parameters of the GPT-2 body (tied LM head adds none), counted by hand from the
+    sizes: an independent check of the skeleton (tests/test_io.py)."""
+    d, inner, L = config.n_embd, config.inner_dim, config.n_layer
+    per_layer = (2 * d) + (3 * d * d + 3 * d) + (d * d + d) + (2 * d) + (inner * d + inner) + (inner * d + d)
+    return config.vocab_size * d + config.n_positions * d + L * per_layer + 2 * d

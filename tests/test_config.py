@@ -16,15 +16,8 @@ from hypothesis import strategies as st
 
 from conftest import DATA, GOLDEN
 from refjax.params.checkpoint import load_config
-from refjax.params.config import (
-    ACTIVATIONS,
-    GPT2_ARCHITECTURES,
-    PROBLEM_TYPES,
-    SUMMARY_TYPES,
-    ConfigError,
-    GPT2Config,
-    parse_gpt2_config,
-)
+from refjax.params.config import ACTIVATIONS, PROBLEM_TYPES, SUMMARY_TYPES, ConfigError
+from refjax.params.gpt2 import GPT2_ARCHITECTURES, GPT2Config, parse_gpt2_config
 
 REAL_GPT2 = os.path.join(DATA, "configs", "gpt2.json")
 GOLDEN_CONFIGS = sorted(glob.glob(os.path.join(GOLDEN, "gpt2", "*", "config.json")))
@@ -492,14 +485,14 @@ ARCEE_TINY = dict(model_type="arcee", architectures=["ArceeForCausalLM"], hidden
 ])
 def test_arcee_rope_combinations_hf_cannot_build_are_config_errors(raw, culprit):
     """HF raises ZeroDivisionError / TypeError building these (head_dim 2 here); we name the field."""
-    from refjax.params.config import parse_arcee_config
+    from refjax.params.arcee import parse_arcee_config
 
     with pytest.raises(ConfigError, match=culprit):
         parse_arcee_config(raw)
 
 
 def test_arcee_longrope_with_attention_factor_needs_no_factor():
-    from refjax.params.config import parse_arcee_config
+    from refjax.params.arcee import parse_arcee_config
 
     config = parse_arcee_config(dict(ARCEE_TINY, rope_scaling={
         "rope_type": "longrope", "attention_factor": 1.5, "short_factor": [1.0], "long_factor": [1.0]}))

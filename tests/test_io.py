@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import DATA, GOLDEN
+from gpt2_helpers import count_gpt2_params
 from refjax.params import gpt2 as gpt2_params
 from refjax.params.checkpoint import load_checkpoint, save_checkpoint
-from refjax.params.config import count_gpt2_params, parse_gpt2_config
+from refjax.params.gpt2 import parse_gpt2_config
 from refjax.params.io import (
     INDEX_FILE,
     SINGLE_FILE,

@@ -40,10 +40,10 @@ from arcee_helpers import (ARCHITECTURES, FIXED_FREQ_ROPE_TYPES, FP32_TOL, FP64_
                            raw_configs, rel_err, rope_switch_length, with_head)
 from conftest import DATA
 from refjax.params import arcee as arcee_params
-from refjax.params.config import parse_arcee_config
+from refjax.params.arcee import parse_arcee_config
 from refjax.params.io import count_params
 from refjax import arcee, nn, rotary
-from refjax.attention import FUTURE_FINFO_MIN, FUTURE_NEG_INF, causal_mask, softmax_attention
+from refjax.attention import FUTURE_FINFO_MIN, FUTURE_NEG_INF, causal_mask, mask_for, softmax_attention
 from refjax.tooling.families import FAMILIES
 from refjax.generate import Sampling
 
@@ -501,12 +501,11 @@ def loop_forward(params, config, ids, mask, pos):
     T = ids.shape[1]
     inv_freq, scaling = rotary.rope_frequencies(config, pos)
     cos, sin = rotary.rope_cos_sin(inv_freq, scaling, pos, x.dtype)
-    key_valid = jnp.asarray(mask).astype(bool)
-    causal = causal_mask(jnp.arange(T, dtype=jnp.int32), T)
+    attn_mask = mask_for(jnp.asarray(mask), ids.shape[0], T)
     hidden = [x]
     for i in range(config.num_hidden_layers):
         p_layer = jax.tree.map(lambda a: a[i], body.layers)
-        x, _, _, _ = arcee.decoder_layer(p_layer, config, x, cos, sin, key_valid, causal)
+        x = arcee.decoder_layer(p_layer, config, x, cos, sin, attn_mask).x
         hidden.append(x)
     last = nn.rms_norm(body.norm, x, config.rms_norm_eps)
     return last, hidden[:-1] + [last]

@@ -30,7 +30,7 @@ from gpt2_helpers import (ARCHITECTURES, FP32_TOL, FP64_TOL, FWD, SMOOTH_ACTIVAT
                           configs, left_padded_mask, load_golden, prompt_positions_np, random_params, rel_err,
                           with_head)
 from refjax import gpt2, losses, nn
-from refjax.attention import causal_mask
+from refjax.attention import mask_for
 from refjax.tooling.families import FAMILIES
 from refjax.generate import Sampling, next_token, process_logits
 
@@ -285,12 +285,11 @@ def loop_forward(params, config, ids, mask, pos):
     p = params.transformer
     x = p.wte.table[ids] + p.wpe.table[pos]
     T = ids.shape[1]
-    key_valid = jnp.asarray(mask).astype(bool)
-    causal = causal_mask(jnp.arange(T, dtype=jnp.int32), T)
+    attn_mask = mask_for(jnp.asarray(mask), ids.shape[0], T)
     hidden = [x]
     for i in range(config.n_layer):
         p_layer = jax.tree.map(lambda a: a[i], p.h)
-        x, _, _, _ = gpt2.block(p_layer, config, x, jnp.asarray(i, jnp.int32), key_valid, causal)
+        x = gpt2.block(p_layer, config, x, attn_mask, jnp.asarray(i, jnp.int32)).x
         hidden.append(x)
     last = nn.layer_norm(p.ln_f, x, config.layer_norm_epsilon)
     return last, hidden[:-1] + [last]

@@ -52,7 +52,7 @@ from hypothesis import strategies as st  # noqa: E402
 from arcee_helpers import ARCHITECTURES, ROPE_TYPES, raw_configs  # noqa: E402
 from hf_helpers import assert_close, assert_same_tokens, hf_generate, hf_outputs, quiet_torch  # noqa: E402
 from refjax.params.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from refjax.params.config import parse_arcee_config  # noqa: E402
+from refjax.params.arcee import parse_arcee_config  # noqa: E402
 from refjax import arcee  # noqa: E402
 from refjax.tooling.families import FAMILIES  # noqa: E402
 from refjax.generate import Sampling  # noqa: E402

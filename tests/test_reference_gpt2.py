@@ -47,7 +47,7 @@ from hf_helpers import (  # noqa: E402
     supported_activations)
 from refjax.params import gpt2 as gpt2_params  # noqa: E402
 from refjax.params.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from refjax.params.config import parse_gpt2_config  # noqa: E402
+from refjax.params.gpt2 import parse_gpt2_config  # noqa: E402
 from refjax.params.io import count_params  # noqa: E402
 from refjax import gpt2  # noqa: E402
 from refjax.tooling.families import FAMILIES  # noqa: E402

@@ -20,7 +20,7 @@ import numpy as np
 from conftest import ROOT
 from refjax.params import gpt2, io
 from refjax.params.checkpoint import load_checkpoint
-from refjax.params.config import parse_gpt2_config
+from refjax.params.gpt2 import parse_gpt2_config
 
 RAW = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 512, "n_layer": 12, "n_head": 8,
        "vocab_size": 1000, "n_positions": 64}

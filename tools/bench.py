@@ -315,7 +315,7 @@ def compile_times(raw: dict, layer_counts=(4, 12, 48)) -> list[dict]:
     import jax.numpy as jnp
 
     from refjax.params import gpt2 as gpt2_params
-    from refjax.params.config import parse_gpt2_config
+    from refjax.params.gpt2 import parse_gpt2_config
     from refjax import gpt2
 
     rows = []
@@ -332,7 +332,7 @@ def compile_times(raw: dict, layer_counts=(4, 12, 48)) -> list[dict]:
 def validation_cost(raw: dict, repeats: int) -> dict:
     import jax.numpy as jnp
 
-    from refjax.params.config import parse_gpt2_config
+    from refjax.params.gpt2 import parse_gpt2_config
     from refjax.validate import check_token_inputs
 
     config = parse_gpt2_config(raw)
