@@ -36,7 +36,9 @@ def test_wheel_installs_only_refjax(wheel):
         entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     roots = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert roots == {"refjax"}, roots
-    for module in ("refjax/__init__.py", "refjax/shell.py", "refjax/gpt2.py", "refjax/params/checkpoint.py",
+    golden_files = sum(len(files) for _, _, files in os.walk(GOLDEN))
+    assert len([n for n in names if n.startswith("refjax/golden/")]) == golden_files  # every golden file ships
+    for module in ("refjax/golden/MANIFEST.json", "refjax/__init__.py", "refjax/shell.py", "refjax/gpt2.py", "refjax/params/checkpoint.py",
                    "refjax/tooling/cli.py"):
         assert module in names, module
     assert "refjax = refjax.tooling.cli:main" in entry_points
@@ -58,3 +60,17 @@ def test_unpacked_wheel_runs_a_golden_from_elsewhere(wheel, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_unpacked_wheel_verifies_its_own_goldens_from_elsewhere(wheel, tmp_path):
+    """`refjax verify` after a plain install, run from a directory without golden/: it finds
+    the goldens shipped in the package."""
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-m", "refjax.tooling.cli", "verify", "--only", "gpt2/tokcls", "arcee/mqa"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "tensors within tolerance" in proc.stdout
+    assert f"goldens: {site / 'refjax' / 'golden'} (2 cases)" in proc.stderr
