@@ -107,7 +107,7 @@ def test_remat_gives_the_same_loss_and_gradients(case):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-12)
 
 
-UNSTACK_CASES = ["gpt2/lm", "gpt2/double-heads", "arcee/causal-lm", "arcee/mqa", "arcee/qa"]
+UNSTACK_CASES = ["gpt2/lm", "gpt2/double-heads", "arcee/causal-lm", "arcee/mqa", "arcee/qa", "roformer/causal-lm"]
 
 
 @pytest.mark.parametrize("case", UNSTACK_CASES)

@@ -21,6 +21,8 @@ from refjax.params.checkpoint import load_checkpoint
 from refjax.params.io import read_checkpoint_tensors
 from refjax.params.roformer import parse_roformer_config
 from refjax import roformer, rotary
+from refjax.attention import mask_for
+from refjax.shell import Tokens
 from refjax.tooling.families import FAMILIES
 from roformer_helpers import FP64_TOL, FWD, SEEDS, assert_close, random_inputs, random_params, raw_configs
 
@@ -91,14 +93,14 @@ def test_encoder_right_padding_invariance_and_batch_independence(raw, seed):
     rng = np.random.default_rng(seed)
     ids, mask, types = random_inputs(config, rng, 2, 6)
     mask[:] = 1
-    full = FWD(params, config, ids, mask, types).last_hidden_state
+    full = FWD(params, config, ids, mask, token_type_ids=types).last_hidden_state
     pad = 3
     ids_p = np.concatenate([ids, np.zeros((2, pad), np.int32)], 1)
     mask_p = np.concatenate([mask, np.zeros((2, pad), np.int32)], 1)
     types_p = np.concatenate([types, np.zeros((2, pad), np.int32)], 1)
-    padded = FWD(params, config, ids_p, mask_p, types_p).last_hidden_state
+    padded = FWD(params, config, ids_p, mask_p, token_type_ids=types_p).last_hidden_state
     assert_close(padded[:, :6], full, FP64_TOL, "right padding")
-    alone = FWD(params, config, ids[1:], mask[1:], types[1:]).last_hidden_state
+    alone = FWD(params, config, ids[1:], mask[1:], token_type_ids=types[1:]).last_hidden_state
     assert_close(alone, full[1:], FP64_TOL, "batch row")
 
 
@@ -108,10 +110,10 @@ def test_decoder_causality(raw, seed):
     config, params = build(dict(raw, architectures=["RoFormerModel"]), seed)
     rng = np.random.default_rng(seed)
     ids, mask, types = random_inputs(config, rng, 2, 7)
-    out = FWD(params, config, ids, mask, types).last_hidden_state
+    out = FWD(params, config, ids, mask, token_type_ids=types).last_hidden_state
     ids2 = ids.copy()
     ids2[:, 4:] = rng.integers(1, config.vocab_size, size=(2, 3))
-    out2 = FWD(params, config, ids2, mask, types).last_hidden_state
+    out2 = FWD(params, config, ids2, mask, token_type_ids=types).last_hidden_state
     assert_close(out2[:, :4], out[:, :4], FP64_TOL, "past must not see the future")
 
 
@@ -121,13 +123,13 @@ def test_cached_decoding_equals_full_forward(raw, seed, split):
     config, params = build(raw, seed)
     rng = np.random.default_rng(seed)
     ids, mask, types = random_inputs(config, rng, 2, 7, pad="left")
-    full = FWD(params, config, ids, mask, types).logits
+    full = FWD(params, config, ids, mask, token_type_ids=types).logits
     cache = roformer.init_cache(config, 2, 10, jnp.float64)
-    a = FWD(params, config, ids[:, :split], mask[:, :split], types[:, :split], cache=cache)
+    a = FWD(params, config, ids[:, :split], mask[:, :split], token_type_ids=types[:, :split], cache=cache)
     pieces = [a.logits]
     cache = a.cache
     for t in range(split, 7):  # then one token at a time
-        step = FWD(params, config, ids[:, t:t + 1], mask[:, t:t + 1], types[:, t:t + 1], cache=cache)
+        step = FWD(params, config, ids[:, t:t + 1], mask[:, t:t + 1], token_type_ids=types[:, t:t + 1], cache=cache)
         pieces.append(step.logits)
         cache = step.cache
     # at real tokens; a left-pad query attends uniformly to whatever keys exist, which differ
@@ -154,6 +156,28 @@ def test_greedy_generate_equals_repeated_full_forwards(raw, seed):
     np.testing.assert_array_equal(seqs, cur)
 
 
+@hsettings(1)
+@given(raw=raw_configs("RoFormerForCausalLM", is_decoder=True), seed=SEEDS)
+def test_unstacked_layers_give_the_same_outputs_cache_and_tokens(raw, seed):
+    """`unstack_layers` (a loop over per-layer params instead of a scan over the stack) is a
+    re-layout, not new math: logits, hidden states, attentions and the cache equal the
+    stacked forward's (fp64, 1e-12: XLA may schedule reductions differently), eager and
+    jitted; greedy generation decodes the same tokens."""
+    raw = dict(raw, max_position_embeddings=40)
+    config, params = build(raw, seed)
+    unstacked = roformer.unstack_layers(params)
+    assert isinstance(unstacked.roformer.encoder.layer, tuple)
+    ids, mask, types = random_inputs(config, np.random.default_rng(seed), 2, 6, pad="left")
+    kw = dict(token_type_ids=types, cache=roformer.init_cache(config, 2, 8, jnp.float64), output_hidden_states=True,
+              output_attentions=True)
+    stacked = roformer.forward(params, config, ids, mask, **kw)
+    for out in (roformer.forward(unstacked, config, ids, mask, **kw), FWD(unstacked, config, ids, mask, **kw)):
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(stacked), strict=True):
+            assert_close(a, b, FP64_TOL, "unstacked vs stacked")
+    seqs = [FAMILIES["roformer"].generate(p, config, ids, mask, max_new_tokens=2) for p in (unstacked, params)]
+    np.testing.assert_array_equal(np.asarray(seqs[0]), np.asarray(seqs[1]))
+
+
 @hsettings(2)
 @given(raw=raw_configs(), seed=SEEDS)
 def test_jit_equals_eager_and_scan_equals_layer_loop(raw, seed):
@@ -163,20 +187,21 @@ def test_jit_equals_eager_and_scan_equals_layer_loop(raw, seed):
     kw = {}
     if config.architecture == "RoFormerForMultipleChoice":
         ids, mask, types = ids[None], mask[None], types[None]
-    jitted = FWD(params, config, ids, mask, types, output_hidden_states=True, **kw)
-    eager = roformer.forward(params, config, ids, mask, types, output_hidden_states=True)
+    jitted = FWD(params, config, ids, mask, token_type_ids=types, output_hidden_states=True, **kw)
+    eager = roformer.forward(params, config, ids, mask, token_type_ids=types, output_hidden_states=True)
     for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):  # XLA may fuse differently: 1e-12
         assert_close(a, b, FP64_TOL, "jit vs eager")
     # the scan over stacked layers equals applying roformer.layer one layer at a time
     flat_ids, flat_mask, flat_types = (np.reshape(a, (-1, a.shape[-1])) for a in (ids, mask, types))
-    x, _ = roformer.embed(params.roformer, config, jnp.asarray(flat_ids), None, jnp.asarray(flat_types))
-    T = flat_ids.shape[1]
+    tokens = Tokens(input_ids=jnp.asarray(flat_ids), token_type_ids=jnp.asarray(flat_types))
+    x, _ = roformer.embed(params.roformer.embeddings, params.roformer.embeddings_project, config, tokens)
+    B, T = flat_ids.shape
+    mask_ = mask_for(jnp.asarray(flat_mask), B, T, causal=config.is_decoder)
     sin, cos = roformer.sinusoidal_positions(params.roformer.encoder.embed_positions.table,
                                              jnp.arange(T, dtype=jnp.int32))
-    causal = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]) if config.is_decoder else None
     for i in range(config.num_hidden_layers):
         layer = jax.tree.map(lambda a: a[i], params.roformer.encoder.layer)
-        x = roformer.layer(layer, config, x, sin, cos, jnp.asarray(flat_mask, bool), causal)[0]
+        x = roformer.layer(layer, config, x, sin, cos, mask_).x
     assert_close(x, eager.hidden_states[-1], FP64_TOL, "layer loop")
 
 
@@ -187,11 +212,11 @@ def test_rotary_value_changes_outputs_and_grads_are_finite(raw, seed):
     config, params = build(dict(raw, rotary_value=False), seed)
     rng = np.random.default_rng(seed)
     ids, mask, types = random_inputs(config, rng, 2, 6)
-    a = FWD(params, config, ids, mask, types).logits
-    b = FWD(params, dataclasses.replace(config, rotary_value=True), ids, mask, types).logits
+    a = FWD(params, config, ids, mask, token_type_ids=types).logits
+    b = FWD(params, dataclasses.replace(config, rotary_value=True), ids, mask, token_type_ids=types).logits
     assert float(jnp.max(jnp.abs(a - b))) > 1e-6
     labels = np.where(mask == 1, ids, -100)
-    grads = jax.grad(lambda p: roformer.forward(p, config, ids, mask, types, labels=labels).loss)(params)
+    grads = jax.grad(lambda p: roformer.forward(p, config, ids, mask, token_type_ids=types, labels=labels).loss)(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
@@ -207,15 +232,16 @@ def test_fast_attention_path_equals_readable_path_on_real_tokens():
         ids, mask, types = random_inputs(config, np.random.default_rng(3), 3, 7, pad=pad)
         real = mask.astype(bool)
         with jax.default_matmul_precision("highest"):
-            slow = roformer.forward(params, config, ids, mask, types)
-            fast = roformer.forward(params, config, ids, mask, types, fast=True)
+            slow = roformer.forward(params, config, ids, mask, token_type_ids=types)
+            fast = roformer.forward(params, config, ids, mask, token_type_ids=types, fast=True)
         assert_close(np.asarray(fast.last_hidden_state)[real], np.asarray(slow.last_hidden_state)[real], 1e-5,
                      "fast path")
         if is_decoder:  # with a cache: prefill 4 tokens, then the rest
             cache = roformer.init_cache(config, 3, 7, jnp.float32)
             with jax.default_matmul_precision("highest"):
-                first = roformer.forward(params, config, ids[:, :4], mask[:, :4], types[:, :4], cache=cache, fast=True)
-                rest = roformer.forward(params, config, ids[:, 4:], mask[:, 4:], types[:, 4:], cache=first.cache,
-                                        fast=True)
+                first = roformer.forward(params, config, ids[:, :4], mask[:, :4], token_type_ids=types[:, :4],
+                                         cache=cache, fast=True)
+                rest = roformer.forward(params, config, ids[:, 4:], mask[:, 4:], token_type_ids=types[:, 4:],
+                                        cache=first.cache, fast=True)
             cached = np.concatenate([np.asarray(first.last_hidden_state), np.asarray(rest.last_hidden_state)], 1)
             assert_close(cached[real], np.asarray(slow.last_hidden_state)[real], 1e-5, "fast path with a cache")

@@ -25,6 +25,7 @@ class FamilyOps:
     takes_position_ids: bool = True  # False: HF's forward has no position_ids (positions = cache slots)
     unstack_layers: Callable[[Any], Any] | None = None  # params -> same params, layers as a tuple (ref/layers.py)
     optional_taps: tuple[str, ...] = ()  # taps of a module only some heads build (absent otherwise)
+    jit: bool = False  # True: eager calls are slow (each recompiles the layer scan): tooling jits repeated calls
 
     def generate(self, params, config, input_ids, attention_mask=None, *, max_new_tokens: int,
                  sampling: generate_lib.Sampling = generate_lib.Sampling(), key=None, return_logits=False,
@@ -68,6 +69,7 @@ FAMILIES: dict[str, FamilyOps] = {
         max_positions=lambda config: config.max_tokens,  # RoBERTa positions start after pad_token_id
         taps=ibert.TAPS,
         optional_taps=("pooler",),  # IBertModel and IBertForMultipleChoice only
+        jit=True,  # quant mode's summation scans (quant.sequential_dot) in every layer
     ),
     "mega": FamilyOps(
         forward=mega.forward,
@@ -85,5 +87,6 @@ FAMILIES: dict[str, FamilyOps] = {
         max_positions=lambda config: config.max_position_embeddings,
         taps=roformer.TAPS,
         takes_position_ids=False,  # HF's RoFormer has no position_ids: positions are the cache slots
+        unstack_layers=roformer.unstack_layers,
     ),
 }
