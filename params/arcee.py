@@ -21,7 +21,6 @@ from refjax.params.config import ACTIVATIONS, ConfigError, _common, _family_arch
 from refjax.params.io import NameRule
 
 
-
 # The config: HF `ArceeConfig`, parsed from config.json
 
 ARCEE_ARCHITECTURES = (
@@ -93,6 +92,9 @@ class ArceeConfig:
     pad_token_id: int | None
     num_labels: int
     problem_type: str | None
+    # dropout rates (HF's training mode, `forward(..., train=True)`; inference ignores them)
+    attention_dropout: float = 0.0  # on the attention probabilities (functional dropout in eager attention)
+    classifier_dropout: float | None = None  # ArceeForTokenClassification's dropout (None: 0.1, as HF)
 
     @property
     def rotary_dim(self) -> int:
@@ -101,8 +103,6 @@ class ArceeConfig:
 
 ARCEE_IGNORED = {
     "model_type": "checked to be 'arcee'",
-    "attention_dropout": "dropout: inference is deterministic",
-    "classifier_dropout": "dropout: inference is deterministic",
     "is_decoder": "Arcee is always a causal decoder",
 }
 
@@ -225,6 +225,8 @@ def parse_arcee_config(raw: Mapping[str, Any], architecture: str | None = None) 
         bos_token_id=f.token_id("bos_token_id"),
         eos_token_id=f.token_id("eos_token_id", allow_list=True),
         pad_token_id=f.token_id("pad_token_id"),
+        attention_dropout=f.probability("attention_dropout", 0.0),
+        classifier_dropout=f.probability("classifier_dropout", None, optional=True),
         **_common(f),
     )
     f.check_all_used(ARCEE_IGNORED)

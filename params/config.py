@@ -143,6 +143,15 @@ class _Fields:
             raise ConfigError(f"{self.family} config: field '{key}' must be > 0, got {value}")
         return float(value)
 
+    def probability(self, key: str, default: Any = None, *, optional: bool = False) -> float | None:
+        """A dropout rate in [0, 1) (None allowed when optional: HF then falls back to another rate)."""
+        value = self._get(key, default, False)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(f"{self.family} config: field '{key}' must be a dropout rate in [0, 1), got {value!r}")
+        return float(value)
+
     def bool(self, key: str, default: bool) -> bool:
         value = self._get(key, default, False)
         if not isinstance(value, bool):

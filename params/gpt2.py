@@ -20,7 +20,6 @@ from refjax.params.config import ACTIVATIONS, SUMMARY_TYPES, ConfigError, _commo
 from refjax.params.io import NameRule
 
 
-
 # The config: HF `GPT2Config`, parsed from config.json
 
 GPT2_ARCHITECTURES = (
@@ -31,7 +30,6 @@ GPT2_ARCHITECTURES = (
     "GPT2ForTokenClassification",
     "GPT2ForQuestionAnswering",
 )
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +58,13 @@ class GPT2Config:
     summary_use_proj: bool
     summary_activation: str | None
     summary_proj_to_labels: bool
+    # dropout rates (HF's training mode, `forward(..., train=True)`; inference ignores them)
+    embd_pdrop: float = 0.1  # transformer.drop, on the embeddings' sum
+    attn_pdrop: float = 0.1  # h.{i}.attn.attn_dropout, on the attention probabilities
+    resid_pdrop: float = 0.1  # h.{i}.attn.resid_dropout and h.{i}.mlp.dropout, on each residual branch
+    summary_first_dropout: float = 0.1  # multiple_choice_head.first_dropout (GPT2DoubleHeadsModel)
+    summary_last_dropout: float = 0.1  # multiple_choice_head.last_dropout
+    classifier_dropout: float | None = None  # GPT2ForTokenClassification's dropout (None: 0.1, as HF)
 
     @property
     def head_dim(self) -> int:
@@ -80,12 +85,6 @@ class GPT2Config:
 GPT2_IGNORED = {
     "model_type": "checked to be 'gpt2'",
     "n_ctx": "legacy alias of n_positions",
-    "resid_pdrop": "dropout: inference is deterministic",
-    "embd_pdrop": "dropout: inference is deterministic",
-    "attn_pdrop": "dropout: inference is deterministic",
-    "summary_first_dropout": "dropout: inference is deterministic",
-    "summary_last_dropout": "dropout: inference is deterministic",
-    "classifier_dropout": "dropout: inference is deterministic",
     "add_cross_attention": "must be false: checked below",
     "is_decoder": "GPT-2 is always a causal decoder",
 }
@@ -151,6 +150,12 @@ def parse_gpt2_config(raw: Mapping[str, Any], architecture: str | None = None) -
         summary_use_proj=f.bool("summary_use_proj", True),
         summary_activation=summary_activation,
         summary_proj_to_labels=f.bool("summary_proj_to_labels", True),
+        embd_pdrop=f.probability("embd_pdrop", 0.1),
+        attn_pdrop=f.probability("attn_pdrop", 0.1),
+        resid_pdrop=f.probability("resid_pdrop", 0.1),
+        summary_first_dropout=f.probability("summary_first_dropout", 0.1),
+        summary_last_dropout=f.probability("summary_last_dropout", 0.1),
+        classifier_dropout=f.probability("classifier_dropout", None, optional=True),
         **{**_common(f), **({"num_labels": 1} if architecture == "GPT2DoubleHeadsModel" else {})},
     )
     f.check_all_used(GPT2_IGNORED)

@@ -62,9 +62,16 @@ def mask_scores(scores: jax.Array, key_valid: jax.Array, causal: jax.Array | Non
     growing cache, so they are -inf whatever `future_fill` says.
     """
     lowest = jnp.asarray(jnp.finfo(scores.dtype).min, scores.dtype)
-    scores = jnp.where(key_valid[:, None, None, :], scores, lowest)
-    if causal is not None:
-        scores = jnp.where(causal, scores, -jnp.inf if future_fill == FUTURE_NEG_INF else lowest)
+    zero = jnp.zeros((), scores.dtype)
+    masked = ~key_valid[:, None, None, :]  # [B, 1, 1, S]
+    if causal is not None and future_fill == FUTURE_FINFO_MIN:
+        masked = masked | ~causal  # [B, 1, T, S]
+    # HF *adds* finfo.min (scores + finfo.min == finfo.min for any realistic score): the same
+    # forward values as a `where`, but the gradient reaches the scores of a row that has no
+    # visible key at all (a pad query attends uniformly), as HF autograd's does.
+    scores = scores + jnp.where(masked, lowest, zero)
+    if causal is not None and future_fill == FUTURE_NEG_INF:
+        scores = jnp.where(causal, scores, -jnp.inf)
     if filled is not None:
         exists = jnp.arange(scores.shape[-1], dtype=filled.dtype) < filled  # [S]
         scores = jnp.where(exists, scores, -jnp.inf)
@@ -73,7 +80,8 @@ def mask_scores(scores: jax.Array, key_valid: jax.Array, causal: jax.Array | Non
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, causal: jax.Array | None,
                       scale: float, score_dtype=None, future_fill: str = FUTURE_NEG_INF,
-                      filled: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      filled: jax.Array | None = None, scores_hook=None,
+                      probs_hook=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """softmax(mask(q k^T * scale)) v.
 
     q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N; key_valid [B, S] bool;
@@ -81,6 +89,9 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.A
     `score_dtype`: dtype of q k^T and the softmax; default: q's dtype promoted to at least
     fp32 (softmax always accumulates in fp32 or wider). Probabilities are cast back to
     v's dtype before the weighted sum, as HF does.
+    `scores_hook` / `probs_hook`: functions applied to the scores before masking and to the
+    probabilities before the weighted sum (a family's taps, patches and attention dropout:
+    ref/probe.py); what they return is what flows on and what is returned.
     Returns (context [B, T, N, H], probs [B, N, T, S], scores [B, N, T, S] before masking).
     """
     B, T, N, H = q.shape
@@ -89,7 +100,11 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.A
     q_grouped = q.reshape(B, T, K, N // K, H).astype(score_dtype)  # [B, T, K, G, H]
     scores = jnp.einsum("btkgh,bskh->bkgts", q_grouped, k.astype(score_dtype)) * jnp.asarray(scale, score_dtype)
     scores = scores.reshape(B, N, T, S)  # [B, N, T, S]
+    if scores_hook is not None:
+        scores = scores_hook(scores)
     probs = jax.nn.softmax(mask_scores(scores, key_valid, causal, future_fill, filled), axis=-1).astype(v.dtype)
+    if probs_hook is not None:
+        probs = probs_hook(probs)
     probs_grouped = probs.reshape(B, K, N // K, T, S)
     context = jnp.einsum("bkgts,bskh->btkgh", probs_grouped, v).reshape(B, T, N, H)
     return context, probs, scores

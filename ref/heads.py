@@ -66,7 +66,7 @@ def pool_at(hidden: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def sequence_summary(p: Linear | None, hidden: jax.Array, cls_index: jax.Array | None, summary_type: str,
-                     activation: str | None) -> jax.Array:
+                     activation: str | None, first_dropout=None, last_dropout=None) -> jax.Array:
     """HF `GPT2SequenceSummary` (eval mode): pick or pool a vector per sequence, then the
     optional projection and activation. hidden [B, T, D] or [B, C, T, D]; cls_index [B(, C)].
 
@@ -84,10 +84,14 @@ def sequence_summary(p: Linear | None, hidden: jax.Array, cls_index: jax.Array |
             output = hidden[..., -1, :]
         else:
             output = jnp.take_along_axis(hidden, cls_index[..., None, None], axis=-2)[..., 0, :]
+    if first_dropout is not None:  # HF's first_dropout / last_dropout (training mode only)
+        output = first_dropout(output)
     if p is not None:
         output = nn.linear(p, output)
     if activation is not None:
         output = nn.ACT2FN[activation](output)
+    if last_dropout is not None:
+        output = last_dropout(output)
     return output
 
 

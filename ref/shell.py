@@ -152,7 +152,7 @@ def _token_shape(arch: str, head: Head, x: dict) -> tuple[int, ...]:
 
 
 def prepare(classes: Classes, config, inputs: Mapping[str, Any], *, cache=None, fast: bool = False,
-            taps: bool = False, output_attentions: bool = False) -> Batch:
+            taps: bool = False, output_attentions: bool = False, patch=None, train: bool = False) -> Batch:
     """Coerce and validate one call, before any compute: input names, shapes, ids and
     positions in range (when concrete), labels by the head's task; then flatten choices.
     Raises ValueError (TypeError for an unknown input name) naming the culprit."""
@@ -163,6 +163,9 @@ def prepare(classes: Classes, config, inputs: Mapping[str, Any], *, cache=None, 
     head = classes.heads[arch]
     if fast and (output_attentions or taps):
         raise ValueError("fast=True computes no attention probabilities; use fast=False for attentions or taps")
+    if fast and (patch or train):
+        raise ValueError("fast=True runs a fused attention kernel: patch= and train= need the readable path "
+                         "(fast=False)")
     limits = classes.limits(config)
 
     shape = _token_shape(arch, head, x)
@@ -237,19 +240,26 @@ def task_loss(task: Task, config, fields: Mapping[str, jax.Array], inputs: Mappi
 
 
 def finish(classes: Classes, params, config, batch: Batch, body: Body, *, output_hidden_states: bool = False,
-           output_attentions: bool = False, **head_options) -> Output:
-    """Run the head on the body's output, add its loss, and pack HF's output fields."""
+           output_attentions: bool = False, probe=None, **head_options) -> Output:
+    """Run the head on the body's output, add its loss, and pack HF's output fields.
+    `probe` (ref/probe.py), when the family threads one, is handed to the head too (its
+    dropout sites), and what the head records joins the body's taps."""
     head = batch.head
     last, hidden_states = body.last_hidden_state, body.hidden_states
     if head.unflatten:  # [B*C, T, D] -> batch.shape + [D]
         last = last.reshape(*batch.shape, last.shape[-1])
         hidden_states = hidden_states.reshape(hidden_states.shape[0], *batch.shape, hidden_states.shape[-1])
+    if probe is not None:
+        head_options["probe"] = probe
     fields = {} if head.outputs is None else head.outputs(params, config, last, batch, **head_options)
     fields = {**fields, **task_loss(head.task, config, fields, batch.inputs)}
     if head.task == "base":
         fields.setdefault("pooler_output", body.pooler_output)
+    taps = body.taps
+    if taps is not None and probe is not None:  # sites the head recorded (its dropout masks)
+        taps = {**taps, **{name: value for name, value in probe.recorded.items() if name not in taps}}
     return Output(last_hidden_state=last, hidden_states=hidden_states if output_hidden_states else None,
-                  attentions=body.attentions if output_attentions else None, cache=body.cache, taps=body.taps,
+                  attentions=body.attentions if output_attentions else None, cache=body.cache, taps=taps,
                   **fields)
 
 
