@@ -11,6 +11,10 @@ same integers and the same scaling factors bit for bit. Two torch idioms matter:
 `FixedPointMul` (requantization to a new scale) computes in float64 with a 31-bit integer
 mantissa (`batch_frexp`): those lines need `jax_enable_x64` (refjax's tests and CLI set it).
 
+The modules (`act` = QuantAct, `linear`, `gelu`, `layer_norm`) put each kernel behind its
+module's quant-mode switch, as quant_modules.py's nn.Modules do, with the activation
+ranges passed as a value (`Quant`: state in, state out) instead of module buffers.
+
 `integer=True` variants (`*_int`) compute the same integers with jnp.int32 / int8 / int64
 arithmetic instead of float tensors: the integer-only inference the paper describes.
 
@@ -19,10 +23,24 @@ Shapes: scaling factors are [1] (per tensor) or [C] (per channel); x [..., C].
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
+from refjax import nn
+from refjax.params.common import LayerNorm, Linear
+
 F32 = jnp.float32
+
+
+class Act(NamedTuple):
+    """An activation with its scaling factor, the pair HF's quantized modules hand each
+    other: x = q * s, q integers (x a float tensor here; in ref/ibert_int.py x is q itself,
+    an integer tensor). s is [1] (per tensor) or [C] (per channel), None in float mode."""
+
+    x: jax.Array
+    s: jax.Array | None = None
 
 
 def _pow2(k, dtype):
@@ -30,7 +48,7 @@ def _pow2(k, dtype):
     return jnp.ldexp(jnp.ones_like(k, dtype=dtype), k.astype(jnp.int32))
 
 
-def _div(a, b):
+def div(a, b):
     """a / b correctly rounded, as torch divides. XLA:CPU's float32 division is not (it
     differs from IEEE division in the last bit for ~5-40% of inputs, measured), so float32
     quotients are taken in float64 and rounded once to float32, which gives the correctly
@@ -54,7 +72,7 @@ def fence(x):
 
 def _rdiv(c, t):
     """torch's `c / t` for a Python number c: `t.reciprocal() * c` (two roundings)."""
-    return _div(1.0, t) * jnp.asarray(c, t.dtype)
+    return div(1.0, t) * jnp.asarray(c, t.dtype)
 
 
 def _floor_divide(a, b):
@@ -62,11 +80,11 @@ def _floor_divide(a, b):
     a - fmod, floor, corrected by one when the quotient sits above floor + 1/2."""
     f64 = jnp.float64
     mod = jnp.fmod(a.astype(f64), b.astype(f64)).astype(a.dtype)  # exact
-    div = _div((a.astype(f64) - mod.astype(f64)).astype(a.dtype), b)
-    div = jnp.where((mod != 0) & ((b < 0) != (mod < 0)), div - 1, div)
-    floordiv = jnp.floor(div)
-    floordiv = jnp.where(div - floordiv > 0.5, floordiv + 1, floordiv)
-    return jnp.where(div != 0, floordiv, jnp.copysign(jnp.zeros_like(div), _div(a, b)))
+    quot = div((a.astype(f64) - mod.astype(f64)).astype(a.dtype), b)
+    quot = jnp.where((mod != 0) & ((b < 0) != (mod < 0)), quot - 1, quot)
+    floordiv = jnp.floor(quot)
+    floordiv = jnp.where(quot - floordiv > 0.5, floordiv + 1, floordiv)
+    return jnp.where(quot != 0, floordiv, jnp.copysign(jnp.zeros_like(quot), div(a, b)))
 
 
 # --------------------------------------------------------------------------------------
@@ -79,7 +97,7 @@ def symmetric_scale(num_bits: int, x_min, x_max):
     divided by 2^(bits-1) - 1. Elementwise, so per-channel and per-tensor alike."""
     n = 2 ** (num_bits - 1) - 1
     scale = jnp.maximum(jnp.abs(x_min), jnp.abs(x_max))
-    return _div(jnp.maximum(scale, jnp.asarray(1e-8, scale.dtype)), jnp.asarray(n, scale.dtype))
+    return div(jnp.maximum(scale, jnp.asarray(1e-8, scale.dtype)), jnp.asarray(n, scale.dtype))
 
 
 def symmetric_quantize(x, num_bits: int, scale):
@@ -124,7 +142,7 @@ def fixed_point_mul(pre_act, pre_scale, num_bits: int, z_scale, identity=None, i
 
     def branch(x, s):
         s = s if s.ndim == 3 else s.reshape(1, 1, -1)
-        z_int = jnp.round(_div(x, s))
+        z_int = jnp.round(div(x, s))
         m, e = frexp_multiplier(s.astype(f64) / z_f32)
         return jnp.round(z_int.astype(f64) * m / _pow2(e, f64))
 
@@ -196,7 +214,7 @@ def quant_linear_weights(kernel, bias, prev_scale, weight_bit: int = 8, bias_bit
 def quant_linear(kernel, bias, x, prev_scale):
     """`QuantLinear.forward` in quant mode: (x / s_in) @ w_int^T + b_int, times s_w * s_in."""
     w_int, b_int, bias_scale = quant_linear_weights(kernel, bias, prev_scale)
-    x_int = _div(x, prev_scale.reshape(1, -1))
+    x_int = div(x, prev_scale.reshape(1, -1))
     # torch's F.linear: fused multiply-adds over `in` in order, then + bias (measured); x_int
     # is not always an integer (HF passes layers > 0 the embedding's scale), so order matters
     y = sequential_dot(x_int, w_int) + b_int
@@ -239,8 +257,8 @@ GELU_COEFF = (-0.2888, -1.769, 1.0 / -0.2888)  # a (x + b)^2 + c, c = 1 / a (HF 
 def int_gelu(x, scale):
     """`IntGELU` (i-GELU, paper Alg. 2): x * (1 + erf(x / sqrt 2)) / 2 with erf from a
     second-order polynomial on the integers. x = q * scale -> (out, out_scale)."""
-    x_int = _div(x, scale)
-    s = _div(scale, jnp.asarray(GELU_K, scale.dtype))
+    x_int = div(x, scale)
+    s = div(scale, jnp.asarray(GELU_K, scale.dtype))
     a, b, c = GELU_COEFF
     b_int = jnp.floor(_rdiv(b, s))
     c_int = jnp.floor(_rdiv(c, s * s))
@@ -248,11 +266,11 @@ def int_gelu(x, scale):
     abs_int = jnp.minimum(jnp.abs(x_int), -b_int)
     y_int = sign * (fence(jnp.square(abs_int + b_int)) + c_int)
     erf_scale = s * s * jnp.asarray(a, s.dtype)
-    y_int = jnp.floor(_div(y_int, 2.0 ** GELU_CONST))  # avoid overflow
+    y_int = jnp.floor(div(y_int, 2.0 ** GELU_CONST))  # avoid overflow
     erf_scale = erf_scale * 2.0 ** GELU_CONST
     shift_int = _floor_divide(jnp.ones_like(erf_scale), erf_scale)
     x_int = x_int * (y_int + shift_int)
-    out_scale = _div(scale * erf_scale, 2.0)
+    out_scale = div(scale * erf_scale, 2.0)
     return x_int * out_scale, out_scale
 
 
@@ -266,7 +284,7 @@ def int_exp(x_int, scale):
     exp(r) by a second-order polynomial. x_int <= 0 -> (exp_int, exp_scale)."""
     x0_int = jnp.floor(_rdiv(SOFTMAX_X0, scale))
     x_int = jnp.maximum(x_int, SOFTMAX_CONST * x0_int)
-    q = jnp.floor(_div(x_int, x0_int))
+    q = jnp.floor(div(x_int, x0_int))
     r = x_int - fence(x0_int * q)
     a, b, c = SOFTMAX_COEF
     b_int = jnp.floor(_rdiv(b, scale))
@@ -274,34 +292,33 @@ def int_exp(x_int, scale):
     z = fence((r + b_int) * r) + c_int
     poly_scale = jnp.asarray(a, scale.dtype) * (scale * scale)
     exp_int = jnp.maximum(jnp.floor(z * _pow2(SOFTMAX_CONST - q, z.dtype)), 0.0)
-    return exp_int, _div(poly_scale, 2.0 ** SOFTMAX_CONST)
+    return exp_int, div(poly_scale, 2.0 ** SOFTMAX_CONST)
 
 
-def int_softmax(x, scale, act, output_bit: int = 8, max_bit: int = 32):
-    """`IntSoftmax.forward` in quant mode. x [..., S] (masked scores), scale [1];
-    act(exp_int, exp_scale) -> (exp, exp_scale): its 16-bit QuantAct (`softmax_act` for a
-    fixed range). -> (probs q * 2^-output_bit, scale [1])."""
-    x_int = _div(x, scale)
+def int_softmax_exp(x, scale):
+    """`IntSoftmax.forward` up to its 16-bit QuantAct: x [..., S] (masked scores) at scale
+    [1] -> (exp_int, exp_scale), i-exp of x_int - max. HF then hands exp_int (not
+    exp_int * exp_scale) with exp_scale to that QuantAct; `int_softmax_normalize` follows."""
+    x_int = div(x, scale)
     x_int = x_int - x_int.max(axis=-1, keepdims=True)
-    exp_int, exp_scale = int_exp(x_int, scale)
-    # HF passes exp_int (not exp_int * exp_scale) with exp_scale to its QuantAct
-    exp, exp_scale = act(exp_int, exp_scale)
-    exp_int = _div(exp, exp_scale)
+    return int_exp(x_int, scale)
+
+
+def int_softmax_normalize(exp, exp_scale, output_bit: int = 8, max_bit: int = 32):
+    """`IntSoftmax.forward` after its QuantAct: the requantized exps (exp [..., S] = integers
+    * exp_scale) over their sum with a `max_bit` fixed-point reciprocal, floored to
+    `output_bit` bits -> (probs q * 2^-output_bit, scale [1])."""
+    exp_int = div(exp, exp_scale)
     exp_sum = exp_int.sum(axis=-1, keepdims=True)
     factor = jnp.floor(_rdiv(2 ** max_bit, exp_sum))
-    exp_int = jnp.floor(_div(exp_int * factor, 2.0 ** (max_bit - output_bit)))
+    exp_int = jnp.floor(div(exp_int * factor, 2.0 ** (max_bit - output_bit)))
     out_scale = 1.0 / 2 ** output_bit
-    return exp_int * jnp.asarray(out_scale, x.dtype), jnp.full((1,), out_scale, scale.dtype)
-
-
-def softmax_act(act_min, act_max):
-    """IntSoftmax's 16-bit QuantAct with a fixed range (eval mode)."""
-    return lambda exp_int, exp_scale: quant_act(exp_int, 16, act_min, act_max, pre_scale=exp_scale)
+    return exp_int * jnp.asarray(out_scale, exp.dtype), jnp.full((1,), out_scale, exp_scale.dtype)
 
 
 def int_layer_norm_var(y_int, shift):
     """sum((floor(y / 2^shift))^2) over the last axis."""
-    shifted = jnp.floor(_div(y_int, _pow2(shift, y_int.dtype)))
+    shifted = jnp.floor(div(y_int, _pow2(shift, y_int.dtype)))
     return fence(jnp.square(shifted)).sum(axis=-1, keepdims=True)
 
 
@@ -309,7 +326,7 @@ def layer_norm_shift(y_int, shift, max_bit: int = 32):
     """`IntLayerNorm.set_shift` (the train-mode overflow fallback): the smallest shift with
     sum(y^2) / 4^shift < 2^max_bit over the batch, never below the current one."""
     var_int = fence(jnp.square(y_int)).sum(axis=-1, keepdims=True)
-    ratio = jnp.sqrt(_div(var_int, 2.0 ** max_bit))
+    ratio = jnp.sqrt(div(var_int, 2.0 ** max_bit))
     new = jnp.ceil(jnp.log2(ratio.astype(jnp.float64)).astype(ratio.dtype)).max()  # XLA's f32 log2 is inexact
     return jnp.maximum(shift, new)
 
@@ -320,8 +337,8 @@ def int_layer_norm(x, scale, weight, bias, shift, training: bool = False, max_bi
     x [..., D] = q * scale; shift [1]. -> (out, out_scale [D], shift)."""
     D = x.shape[-1]
     dim_sqrt = jnp.sqrt(jnp.asarray(D, F32)).astype(x.dtype)
-    x_int = _div(x, scale)
-    mean_int = jnp.round(_div(x_int.sum(axis=-1, keepdims=True), float(D)))
+    x_int = div(x, scale)
+    mean_int = jnp.round(div(x_int.sum(axis=-1, keepdims=True), float(D)))
     y_int = x_int - mean_int
     var_int = int_layer_norm_var(y_int, shift)
     if training:  # HF: overflow detected -> raise the shift (kept in the state) and recompute
@@ -331,12 +348,73 @@ def int_layer_norm(x, scale, weight, bias, shift, training: bool = False, max_bi
         shift = new_shift
     std_int = jnp.floor(jnp.sqrt(var_int)) * _pow2(shift, var_int.dtype)
     factor = jnp.floor(_rdiv(2 ** 31, std_int))
-    y_int = jnp.floor(_div(y_int * factor, 2.0))
-    out_scale = _div(dim_sqrt, 2.0 ** 30)
-    bias_int = jnp.floor(_div(_div(bias, weight), out_scale))
+    y_int = jnp.floor(div(y_int * factor, 2.0))
+    out_scale = div(dim_sqrt, 2.0 ** 30)
+    bias_int = jnp.floor(div(div(bias, weight), out_scale))
     y_int = y_int + bias_int
     out_scale = out_scale * weight
     return y_int * out_scale, out_scale, shift
+
+
+# --------------------------------------------------------------------------------------
+# The modules (quant_modules.py's nn.Modules): each kernel above behind its module's
+# quant-mode switch, float path included, with the range state passed as a value
+# --------------------------------------------------------------------------------------
+
+
+class Quant(NamedTuple):
+    """What the modules of one group (I-BERT's embeddings, or one layer) share in one call:
+    the config (which modules run quantized), their state ("<QuantAct>.x_min" / ".x_max",
+    "<IntLayerNorm>.shift" -> [1] arrays) and `training` (calibration, HF's train mode).
+    A module that may move the state takes a `Quant` and returns the next one."""
+
+    config: Any  # IBertConfig: quant_mode, quantized(module), layer_norm_eps
+    state: dict
+    training: bool = False
+
+    def set(self, **entries) -> Quant:
+        return self._replace(state={**self.state, **entries})
+
+
+def act(q: Quant, name: str, bits: int, a: Act, identity: Act | None = None) -> tuple[Quant, Act]:
+    """`QuantAct.forward` of the module `name`: in training, first move its range to cover
+    identity + x; then, in quant mode, requantize to `bits` with that range (float mode:
+    identity + x as it is)."""
+    lo, hi = q.state[f"{name}.x_min"], q.state[f"{name}.x_max"]
+    total = a.x if identity is None else fence(identity.x) + fence(a.x)
+    if q.training:
+        lo, hi = update_range(lo, hi, total)
+        q = q.set(**{f"{name}.x_min": lo, f"{name}.x_max": hi})
+    if not q.config.quant_mode:
+        return q, Act(total)
+    ident, ident_s = (None, None) if identity is None else identity
+    return q, Act(*quant_act(a.x, bits, lo, hi, a.s, ident, ident_s))
+
+
+def linear(p: Linear, q: Quant, a: Act) -> Act:
+    """`QuantLinear.forward`: nn.Linear in float mode. [..., in] -> [..., out]."""
+    if not q.config.quant_mode:
+        return Act(nn.linear(p, a.x))
+    return Act(*quant_linear(p.kernel, p.bias, a.x, a.s))
+
+
+def gelu(q: Quant, a: Act) -> Act:
+    """`IntGELU.forward`: i-GELU, or exact GELU (nn.GELU) where not quantized."""
+    if q.config.quantized("gelu"):
+        return Act(*int_gelu(a.x, a.s))
+    return Act(nn.gelu_erf(a.x))
+
+
+def layer_norm(p: LayerNorm, q: Quant, name: str, a: Act) -> tuple[Quant, Act]:
+    """`IntLayerNorm.forward` (in training it may raise its shift); where not quantized,
+    y / sqrt(eps + var) * weight + bias."""
+    if q.config.quantized("layernorm"):
+        x, s, shift = int_layer_norm(a.x, a.s, p.scale, p.bias, q.state[f"{name}.shift"], training=q.training)
+        return q.set(**{f"{name}.shift": shift}), Act(x, s)
+    y = a.x - a.x.mean(axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(y), axis=-1, keepdims=True)
+    y = y / jnp.sqrt(jnp.asarray(q.config.layer_norm_eps, y.dtype) + var)
+    return q, Act(y * p.scale + p.bias)
 
 
 # --------------------------------------------------------------------------------------
@@ -480,7 +558,7 @@ def int_gelu_int(q, scale):
     QuantLinear output at scale [C] or [1] -> (out int64, out_scale), out = HF's x_int *
     (erf_int + shift_int). Constants b_int, c_int, shift_int from the scale as HF computes
     them; (|q| + b)^2 + c in int64 with HF's float32 roundings."""
-    s = _div(scale, jnp.asarray(GELU_K, scale.dtype))
+    s = div(scale, jnp.asarray(GELU_K, scale.dtype))
     a, b, c = GELU_COEFF
     b_int = _const_int(jnp.floor(_rdiv(b, s)))
     c_int = _const_int(jnp.floor(_rdiv(c, s * s)))
@@ -492,7 +570,7 @@ def int_gelu_int(q, scale):
     y = sign * round_f32(round_f32(t * t) + c_int)
     y = y >> GELU_CONST  # floor(y / 2^14): arithmetic shift floors negatives too
     out = round_f32(q * round_f32(y + shift_int))
-    return out, _div(scale * erf_scale, 2.0)
+    return out, div(scale * erf_scale, 2.0)
 
 
 def int_exp_parts(x_int, scale):
@@ -510,7 +588,7 @@ def int_exp_parts(x_int, scale):
     r = round_f32(x - round_f32(x0_int * q))  # in (x0_int, 0]
     z = round_f32(round_f32(round_f32(r + b_int) * r) + c_int)
     poly_scale = jnp.asarray(a, scale.dtype) * (scale * scale)
-    return jnp.maximum(z, 0), SOFTMAX_CONST - q, _div(poly_scale, 2.0 ** SOFTMAX_CONST)
+    return jnp.maximum(z, 0), SOFTMAX_CONST - q, div(poly_scale, 2.0 ** SOFTMAX_CONST)
 
 
 def int_exp_int(x_int, scale):
@@ -601,9 +679,9 @@ def int_layer_norm_int(q, scale, weight, bias, shift):
     factor = _floor_f32_quotient(jnp.broadcast_to(jnp.asarray(2 ** 31, I64), std.shape), std)
     out = round_f32(y * factor) >> 1
     dim_sqrt = jnp.sqrt(jnp.asarray(D, F32)).astype(scale.dtype)
-    out_scale = _div(dim_sqrt, 2.0 ** 30)
-    bias_int = _const_int(jnp.floor(_div(_div(bias, weight), out_scale)))
+    out_scale = div(dim_sqrt, 2.0 ** 30)
+    bias_int = _const_int(jnp.floor(div(div(bias, weight), out_scale)))
     return round_f32(out + bias_int), out_scale * weight
 
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in ("jax", "jnp", "annotations")]
+__all__ = [name for name in dir() if not name.startswith("_") and name not in ("jax", "jnp", "annotations", "Any", "NamedTuple", "nn", "LayerNorm", "Linear")]

@@ -1,11 +1,38 @@
 """Shared helpers for the I-BERT tests: build a seeded HF I-BERT (optionally calibrated in
-train mode, as tools/golden_ibert.py does), save it, and load it with refjax."""
+train mode, as tools/golden_ibert.py does), save it, and load it with refjax; jitted
+forward and calibrate; the integer encoder on raw ids; IntSoftmax with a fixed range."""
 
 from __future__ import annotations
 
 import tempfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from refjax import ibert, ibert_int, quant
+from refjax.shell import Tokens
+
+# Jitted once per (config, shapes, options): an eager quant-mode call recompiles the layer
+# scan and its summation scans every time. The library's forward stays a plain function.
+forward = jax.jit(ibert.forward, static_argnames=("config", "output_hidden_states", "output_attentions", "taps",
+                                                  "propagate_scales", "integer"))
+calibrate = jax.jit(ibert.calibrate, static_argnames=("config", "propagate_scales"))
+
+
+def integer_encoder(params, config, state, input_ids, attention_mask=None, taps=False) -> ibert_int.IntEncoding:
+    """`ibert_int.integer_encoder` on [B, T] ids, with HF's default positions and token types."""
+    tokens = Tokens(input_ids=jnp.asarray(input_ids),
+                    attention_mask=None if attention_mask is None else jnp.asarray(attention_mask))
+    return ibert_int.integer_encoder(params.ibert, config, state, ibert.with_defaults(config, tokens), taps=taps)
+
+
+def int_softmax(x, scale, act_min, act_max):
+    """HF's `IntSoftmax` (eval) with its 16-bit QuantAct's range fixed: i-exp, requantize,
+    normalize -> (probs q * 2^-8, scale [1])."""
+    exp_int, exp_scale = quant.int_softmax_exp(x, scale)
+    exp, exp_scale = quant.quant_act(exp_int, 16, act_min, act_max, pre_scale=exp_scale)
+    return quant.int_softmax_normalize(exp, exp_scale)
 
 
 def build_and_save(arch: str, config_kwargs: dict, seed: int, calibration: list[dict] | None = None,
@@ -70,18 +97,14 @@ REQUANTIZED = ("attention.self.query", "attention.self.key", "attention.self.val
 
 def first_divergence(fake_taps, int_taps, n_layers):
     """Fake-quant taps (ibert.forward(..., taps=True)) against the integer path's
-    (ibert.integer_encoder(..., want_taps=True)): (layer, module, max |int - fake| in
+    (ibert_int.integer_encoder(..., taps=True)): (layer, module, max |int - fake| in
     integer steps) at the first requantized activation where they differ, or None."""
-    import jax.numpy as jnp
-
-    from refjax import quant
-
     for layer in range(n_layers):
         for module in REQUANTIZED:
             name = f"encoder.layer.{module}" if module else "encoder.layer"
             ints, scale = int_taps[name]
             q = np.asarray(ints[layer], np.float64)
-            fake = np.round(np.asarray(quant._div(jnp.asarray(fake_taps[name][layer]), scale[layer]), np.float64))
+            fake = np.round(np.asarray(quant.div(jnp.asarray(fake_taps[name][layer]), scale[layer]), np.float64))
             if not np.array_equal(fake, q):
                 return layer, module, float(np.abs(fake - q).max())
     return None

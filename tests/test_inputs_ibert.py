@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN
+from ibert_helpers import forward
 from refjax.params import ibert as ibert_params
 from refjax.params.checkpoint import load_checkpoint
 from refjax.params.config import ConfigError
@@ -92,8 +93,8 @@ def test_quant_mode_fully_padded_row_is_finite_and_leaves_other_rows_bit_exact(c
     ids, mask = np.array(golden["input_ids"]), np.array(golden["attention_mask"])
     padded = mask.copy()
     padded[1] = 0
-    out = ibert.forward(ck.params, ck.config, ids, attention_mask=padded)
-    ref = ibert.forward(ck.params, ck.config, ids, attention_mask=mask)
+    out = forward(ck.params, ck.config, ids, attention_mask=padded)
+    ref = forward(ck.params, ck.config, ids, attention_mask=mask)
     logits, ref_logits = np.asarray(out.logits), np.asarray(ref.logits)
     assert np.all(np.isfinite(logits))
     keep = np.arange(ids.shape[0]) != 1

@@ -1,4 +1,4 @@
-"""The integer-only I-BERT encoder (`ibert.integer_encoder`, `forward(..., integer=True)`).
+"""The integer-only I-BERT encoder (`ibert_int.integer_encoder`, `forward(..., integer=True)`).
 
 What it must equal: the fake-quant forward with every layer handed its input's true scale
 (`propagate_scales=True`): the same integers at every module, bit for bit. HF hands every
@@ -26,11 +26,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import GOLDEN
-from ibert_helpers import first_divergence
+from ibert_helpers import calibrate, first_divergence, forward, integer_encoder
 from refjax.params import ibert as ibert_params
 from refjax.params.checkpoint import load_checkpoint
 from refjax.params.io import read_safetensors
-from refjax import ibert
+from refjax import ibert, ibert_int
+from refjax.shell import Tokens
 
 # quant-mode golden cases whose every nonlinearity is integer-only (force_dequant="none");
 # quant-model and quant-qa share quant-tokcls's encoder config and are left out for time
@@ -58,22 +59,21 @@ def test_integer_path_equals_scale_propagating_fake_quant(case):
     """Every module's integers, every hidden state and attention, and the head outputs:
     bit for bit against the fake-quant forward with true scales, on the golden inputs."""
     ck, golden, inputs = _case(case)
-    fake = ibert.forward(ck.params, ck.config, **inputs, output_hidden_states=True, output_attentions=True,
-                         taps=True, propagate_scales=True)
-    ours = ibert.forward(ck.params, ck.config, **inputs, output_hidden_states=True, output_attentions=True,
-                         integer=True)
+    fake = forward(ck.params, ck.config, **inputs, output_hidden_states=True, output_attentions=True,
+                   taps=True, propagate_scales=True)
+    ours = forward(ck.params, ck.config, **inputs, output_hidden_states=True, output_attentions=True, integer=True)
     for field in ("hidden_states", "attentions", "last_hidden_state", "pooler_output", "logits", "loss",
                   "start_logits", "end_logits"):
         if getattr(fake, field) is not None:
             np.testing.assert_array_equal(np.asarray(getattr(ours, field)), np.asarray(getattr(fake, field)),
                                           err_msg=f"{case} {field}")
     flat = {k: _flat(v) for k, v in inputs.items()}
-    hidden, scales, probs, probs_s, taps = ibert.integer_encoder(
-        ck.params, ck.config, ck.params.state, flat["input_ids"], flat.get("attention_mask"),
-        flat.get("token_type_ids"), flat.get("position_ids"), want_taps=True)
-    assert hidden.dtype == jnp.int32 and probs.dtype == jnp.int64
-    assert int(jnp.abs(hidden).max()) <= 128 and 0 <= int(probs.min()) and int(probs.max()) <= 256
-    for name, (ints, scale) in taps.items():
+    tokens = Tokens(**{k: flat.get(k) for k in INPUTS})
+    enc = ibert_int.integer_encoder(ck.params.ibert, ck.config, ck.params.state,
+                                    ibert.with_defaults(ck.config, tokens), taps=True)
+    assert enc.hidden.dtype == jnp.int32 and enc.probs.dtype == jnp.int64
+    assert int(jnp.abs(enc.hidden).max()) <= 128 and 0 <= int(enc.probs.min()) and int(enc.probs.max()) <= 256
+    for name, (ints, scale) in enc.taps.items():
         assert jnp.issubdtype(ints.dtype, jnp.integer), name
         # HF's tensor is float32(q) * s: the same integers at the same scale, bit for bit
         # (every integer here is float32-representable: the kernels round like HF's float32)
@@ -93,8 +93,7 @@ def test_integer_path_equals_hf_through_the_first_layer(case):
     """HF's own tensors: the embedding output, layer 0's output and layer 0's attention
     probabilities, bit for bit (layer 0 is the last one whose input scale HF gets right)."""
     ck, golden, inputs = _case(case)
-    ours = ibert.forward(ck.params, ck.config, **inputs, output_hidden_states=True, output_attentions=True,
-                         integer=True)
+    ours = forward(ck.params, ck.config, **inputs, output_hidden_states=True, output_attentions=True, integer=True)
     for key, got in (("hidden_states.0", ours.hidden_states[0]), ("hidden_states.1", ours.hidden_states[1]),
                      ("attentions.0", ours.attentions[0])):
         np.testing.assert_array_equal(np.asarray(got), golden[f"float32/{key}"], err_msg=f"{case} {key}")
@@ -172,10 +171,15 @@ def _float_ops_on_activations(fn, *args):
 
 def test_integer_encoder_computes_on_integers_only():
     ck, golden, inputs = _case("quant-seqcls")
-    encoder = lambda ids, mask: ibert.integer_encoder(ck.params, ck.config, ck.params.state, ids, mask)[:3]
+
+    def encoder(ids, mask):
+        enc = integer_encoder(ck.params, ck.config, ck.params.state, ids, mask)
+        return enc.hidden, enc.scales, enc.probs
+
     assert _float_ops_on_activations(encoder, inputs["input_ids"], inputs["attention_mask"]) == []
     # and the walk does see float work: the fake-quant encoder on the same inputs is full of it
-    fake = lambda ids, mask: ibert.encoder(ck.params, ck.config, ck.params.state, ids, mask, None, None, None)[0]
+    fake = lambda ids, mask: ibert.model(ck.params.ibert, ck.config, ck.params.state,
+                                         Tokens(input_ids=ids, attention_mask=mask))[0].last_hidden_state
     assert len(_float_ops_on_activations(fake, inputs["input_ids"], inputs["attention_mask"])) > 50
 
 
@@ -199,7 +203,7 @@ def _random_model(seed: int, spread: float):
     params = eqx.tree_at(lambda p: p.ibert, BASE.params, body)
     state = ibert_params.initial_state(BASE.config)
     for _ in range(2):
-        state = ibert.calibrate(params, BASE.config, state, *_batch(rng), propagate_scales=True)
+        state = calibrate(params, BASE.config, state, *_batch(rng), propagate_scales=True)
     return params, state, rng
 
 
@@ -224,12 +228,11 @@ def test_integer_path_against_fake_quant_on_random_models(seed, spread):
     params, state, rng = _random_model(seed, spread)
     ids, mask = _batch(rng)
     c = BASE.config
-    fake = ibert.forward(params, c, ids, mask, state=state, output_hidden_states=True, output_attentions=True,
-                         taps=True, propagate_scales=True)
-    *_, int_taps = ibert.integer_encoder(params, c, state, ids, mask, want_taps=True)
+    fake = forward(params, c, ids, mask, state=state, output_hidden_states=True, output_attentions=True,
+                   taps=True, propagate_scales=True)
+    int_taps = integer_encoder(params, c, state, ids, mask, taps=True).taps
     divergence = first_divergence(fake.taps, int_taps, c.num_hidden_layers)
-    ours = ibert.forward(params, c, ids, mask, state=state, output_hidden_states=True, output_attentions=True,
-                         integer=True)
+    ours = forward(params, c, ids, mask, state=state, output_hidden_states=True, output_attentions=True, integer=True)
     if divergence is None:
         np.testing.assert_array_equal(np.asarray(ours.hidden_states), np.asarray(fake.hidden_states))
         np.testing.assert_array_equal(np.asarray(ours.attentions), np.asarray(fake.attentions))
@@ -241,8 +244,8 @@ def test_propagate_scales_changes_only_layers_after_the_first():
     """HF's scale hand-off and the true one agree on the embeddings and layer 0 and differ
     after (the HF quirk is real on the goldens: 35-45% of layer-1 outputs move)."""
     ck, golden, inputs = _case("quant-seqcls")
-    hf = ibert.forward(ck.params, ck.config, **inputs, output_hidden_states=True)
-    fixed = ibert.forward(ck.params, ck.config, **inputs, output_hidden_states=True, propagate_scales=True)
+    hf = forward(ck.params, ck.config, **inputs, output_hidden_states=True)
+    fixed = forward(ck.params, ck.config, **inputs, output_hidden_states=True, propagate_scales=True)
     np.testing.assert_array_equal(np.asarray(hf.hidden_states[:2]), np.asarray(fixed.hidden_states[:2]))
     assert (np.asarray(hf.hidden_states[2]) != np.asarray(fixed.hidden_states[2])).mean() > 0.1
 

@@ -1,6 +1,6 @@
 """Integer-only I-BERT kernels (ref/quant.py `int_gelu_int`, `int_exp_int`, `int_softmax_int`,
-`int_layer_norm_int`) against HF's fake-quant kernels (`int_gelu`, `int_exp`, `int_softmax`,
-`int_layer_norm`, bit-exact with HF).
+`int_layer_norm_int`) against HF's fake-quant kernels (`int_gelu`, `int_exp`, IntSoftmax as
+`ibert_helpers.int_softmax`, `int_layer_norm`, bit-exact with HF).
 
 "Equal" means: the same scale bit for bit, and float32(integer) * scale == HF's float32
 output bit for bit (every integer the kernels return is float32-representable, so this is
@@ -29,9 +29,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import GOLDEN
+from ibert_helpers import forward, int_softmax
 from refjax.params.checkpoint import load_checkpoint
 from refjax.params.io import read_safetensors
-from refjax import ibert, quant
+from refjax import quant
 
 F32, I64 = jnp.float32, jnp.int64
 INT64_MAX = int(jnp.iinfo(jnp.int64).max)
@@ -59,7 +60,7 @@ def ln_units(fake, out_scale, ints, q):
 # jitted once per shape (the hypothesis tests keep shapes fixed): eager dispatch compiles op by op
 gelu_fake, gelu_int = jax.jit(quant.int_gelu), jax.jit(quant.int_gelu_int)
 exp_fake, exp_int = jax.jit(quant.int_exp), jax.jit(quant.int_exp_int)
-softmax_fake = jax.jit(lambda x, s, lo, hi: quant.int_softmax(x, s, quant.softmax_act(lo, hi)))
+softmax_fake = jax.jit(int_softmax)
 softmax_int = jax.jit(quant.int_softmax_int)
 exp_parts = jax.jit(quant.int_exp_parts)
 
@@ -76,7 +77,7 @@ ln_fake, ln_int = jax.jit(quant.int_layer_norm, static_argnames=("training",)), 
 def roundtrip(q, scale):
     """HF's view of integers q at scale: x = q * s (float32) and whether x / s == q."""
     x = jnp.asarray(q, I64).astype(F32) * scale
-    return x, np.asarray(quant._div(x, scale)) == np.asarray(q)
+    return x, np.asarray(quant.div(x, scale)) == np.asarray(q)
 
 
 def dequant_equal(ints, scale, fake):
@@ -85,7 +86,7 @@ def dequant_equal(ints, scale, fake):
 
 
 def ints_of(x, scale):
-    return np.asarray(quant._div(jnp.asarray(x).reshape(-1, *np.shape(x)[-1:]), scale)).astype(np.float64)
+    return np.asarray(quant.div(jnp.asarray(x).reshape(-1, *np.shape(x)[-1:]), scale)).astype(np.float64)
 
 
 def to_int(x):
@@ -102,7 +103,7 @@ def _c(x):
 
 
 def gelu_bounds(q_max, scale):
-    s = quant._div(scale, jnp.asarray(quant.GELU_K, F32))
+    s = quant.div(scale, jnp.asarray(quant.GELU_K, F32))
     a, b, c = quant.GELU_COEFF
     b_int, c_int = _c(jnp.floor(quant._rdiv(b, s))), _c(jnp.floor(quant._rdiv(c, s * s)))
     erf_scale = s * s * jnp.asarray(a, F32) * 2.0 ** quant.GELU_CONST
@@ -212,7 +213,7 @@ def softmax_pair(q, s, keep, act_range_frac):
     [0, frac * max exp_int] as calibration would set it from exp_int values."""
     x, _ = roundtrip(q, s)
     x = x + jnp.where(jnp.asarray(keep), 0.0, jnp.finfo(F32).min).astype(F32)
-    x_int = quant._div(x, s)
+    x_int = quant.div(x, s)
     e, _ = exp_fake(x_int - x_int.max(-1, keepdims=True), s)
     lo, hi = jnp.zeros((1,), F32), e.max().reshape(1) * jnp.asarray(act_range_frac, F32)
     fake, fake_scale = softmax_fake(x, s, lo, hi)
@@ -276,7 +277,7 @@ def test_int_layer_norm_equals_fake_quant(seed, log_scale, D, bits):
     ints, out_scale = ln_int(jnp.asarray(q_clean, jnp.int32), s, w, b, shift)
     np.testing.assert_array_equal(np.asarray(out_scale), np.asarray(fake_scale))
     assert dequant_equal(ints, out_scale, fake).all()
-    bias_int = _c(jnp.floor(quant._div(quant._div(b, w), quant._div(jnp.sqrt(jnp.asarray(D, F32)), 2.0 ** 30))))
+    bias_int = _c(jnp.floor(quant.div(quant.div(b, w), quant.div(jnp.sqrt(jnp.asarray(D, F32)), 2.0 ** 30))))
     assert_fits(ln_bounds(2 ** bits, D, shift[0], bias_int), ints)
     assert int(np.abs(np.asarray(ints)).max()) <= INT32_MAX  # |y / std| <= 1: output fits int32
     fake, _, _ = ln_fake(x, s, w, b, shift)
@@ -315,7 +316,7 @@ def _layer0(case):
     golden, _ = read_safetensors(os.path.join(GOLDEN, "ibert", case, "golden.safetensors"))
     ck = load_checkpoint(os.path.join(GOLDEN, "ibert", case), dtype=F32)
     inputs = {k: jnp.asarray(golden[k]) for k in ("input_ids", "attention_mask", "token_type_ids") if k in golden}
-    taps = ibert.forward(ck.params, ck.config, **inputs, taps=True).taps
+    taps = forward(ck.params, ck.config, **inputs, taps=True).taps
     tap = {k[len("encoder.layer."):]: v[0] for k, v in taps.items() if k.startswith("encoder.layer.")}
     state = {k: v[0] for k, v in ck.params.state.layer.items()}
     scale = lambda name, bits: quant.symmetric_scale(bits, state[f"{name}.x_min"], state[f"{name}.x_max"])
@@ -330,10 +331,10 @@ def test_int_kernels_on_golden_layer0(case):
         a, a_s = tap["pre_intermediate_act"], scale("pre_intermediate_act", 8)
         h, hs = tap["intermediate.dense"], quant.quant_linear_weights(p0.intermediate.kernel, p0.intermediate.bias, a_s)[2]
         acc, _ = quant.quant_linear_int(p0.intermediate.kernel, p0.intermediate.bias,
-                                        jnp.round(quant._div(a, a_s)).astype(jnp.int32), a_s)
+                                        jnp.round(quant.div(a, a_s)).astype(jnp.int32), a_s)
         fake = tap["intermediate.intermediate_act_fn"]
         ints, out_scale = gelu_int(acc, hs)
-        exact = np.asarray(quant._div(h, hs)) == np.asarray(acc)
+        exact = np.asarray(quant.div(h, hs)) == np.asarray(acc)
         assert exact.mean() > 0.7  # measured 0.76-0.89
         assert dequant_equal(ints, out_scale, fake)[exact].all()
         rel = np.abs(ints_of(fake, out_scale).reshape(ints.shape) - to_int(ints)) / np.maximum(np.abs(to_int(ints)), 1)
@@ -345,11 +346,11 @@ def test_int_kernels_on_golden_layer0(case):
         B, T, _ = tap["attention.self.query"].shape
 
         def heads(x, s):
-            return jnp.round(quant._div(x, s)).astype(I64).reshape(B, T, N, H).transpose(0, 2, 1, 3)
+            return jnp.round(quant.div(x, s)).astype(I64).reshape(B, T, N, H).transpose(0, 2, 1, 3)
 
         dot = jnp.einsum("bnth,bnsh->bnts", heads(tap["attention.self.query"], qs), heads(tap["attention.self.key"], ks))
         keep = (inputs["attention_mask"].reshape(B, T) > 0)[:, None, None, :]
-        s = quant._div(qs * ks, math.sqrt(H))
+        s = quant.div(qs * ks, math.sqrt(H))
         ints, _ = softmax_int(jnp.where(keep, dot, MASKED), s, state["attention.self.softmax.act.x_min"],
                                         state["attention.self.softmax.act.x_max"])
         fake = np.asarray(tap["attention.self.softmax"]) * 256
@@ -361,8 +362,8 @@ def test_int_kernels_on_golden_layer0(case):
         for prefix, ln in (("attention.output", p0.attention_output.LayerNorm), ("output", p0.output.LayerNorm)):
             r, rs = tap[f"{prefix}.ln_input_act"], scale(f"{prefix}.ln_input_act", 22)
             shift = state[f"{prefix}.LayerNorm.shift"]
-            q = jnp.round(quant._div(r, rs)).astype(I64)
-            rows = (np.asarray(quant._div(r, rs)) == np.asarray(q)).all(-1)
+            q = jnp.round(quant.div(r, rs)).astype(I64)
+            rows = (np.asarray(quant.div(r, rs)) == np.asarray(q)).all(-1)
             fake = tap[f"{prefix}.LayerNorm"]
             ints, out_scale = ln_int(q, rs, ln.scale, ln.bias, shift)
             assert rows.any()

@@ -18,10 +18,11 @@ transformers = pytest.importorskip("transformers", reason="reference tier needs 
 import jax  # noqa: E402
 
 from hf_helpers import assert_close  # noqa: E402
-from ibert_helpers import build_and_save, first_divergence, padded_batch, propagate_hf_scales  # noqa: E402
+from ibert_helpers import build_and_save, calibrate, first_divergence, forward, integer_encoder  # noqa: E402
+from ibert_helpers import padded_batch, propagate_hf_scales  # noqa: E402
 from refjax.params import ibert as ibert_params  # noqa: E402
 from refjax.params.checkpoint import load_checkpoint  # noqa: E402
-from refjax import ibert  # noqa: E402
+from refjax.tooling.verify import calibration_tolerance  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
@@ -62,7 +63,7 @@ def test_float_mode_matches_hf(seed):
     for dtype, tol in (("float32", 1e-5), ("float64", 1e-12)):
         hf = hf_run(model, batch, getattr(torch, dtype))
         ck = load_checkpoint(directory, dtype=np.dtype(dtype))
-        ours = ibert.forward(ck.params, ck.config, **batch, output_hidden_states=True, output_attentions=True)
+        ours = forward(ck.params, ck.config, **batch, output_hidden_states=True, output_attentions=True)
         for i, h in enumerate(hf.hidden_states):
             assert_close(f"{arch} {dtype} hidden_states.{i}", ours.hidden_states[i], h.numpy(), tol)
         for i, a in enumerate(hf.attentions):
@@ -82,7 +83,7 @@ def test_quant_mode_is_bit_exact_and_calibration_matches(seed):
     batch = padded_batch(rng, shape, kw["vocab_size"], kw["pad_token_id"])
     hf = hf_run(model, batch, torch.float32)
     ck = load_checkpoint(directory, dtype=np.float32)
-    ours = ibert.forward(ck.params, ck.config, **batch, output_hidden_states=True, output_attentions=True)
+    ours = forward(ck.params, ck.config, **batch, output_hidden_states=True, output_attentions=True)
     for i, h in enumerate(hf.hidden_states):
         np.testing.assert_array_equal(np.asarray(ours.hidden_states[i]), h.numpy(), err_msg=f"{kw} hidden {i}")
     if ck.config.quantized("softmax"):
@@ -93,8 +94,8 @@ def test_quant_mode_is_bit_exact_and_calibration_matches(seed):
             assert_close(f"{arch} {field}", getattr(ours, field), getattr(hf, field).numpy(), 1e-5)
     state = ibert_params.initial_state(ck.config)
     for b in calib:
-        state = ibert.calibrate(ck.params, ck.config, state, **b)
-    tol, _ = ibert.calibration_tolerance(ck.config)
+        state = calibrate(ck.params, ck.config, state, **b)
+    tol, _ = calibration_tolerance(ck.config)
     for (path, got), (_, want) in zip(jax.tree_util.tree_leaves_with_path(state),
                                       jax.tree_util.tree_leaves_with_path(ck.params.state)):
         got, want = np.asarray(got), np.asarray(want)
@@ -117,8 +118,8 @@ def test_scale_propagating_hf_matches_propagate_scales_and_the_integer_path(seed
     batch = padded_batch(rng, shape, kw["vocab_size"], kw["pad_token_id"])
     hf = hf_run(model, batch, torch.float32)
     ck = load_checkpoint(directory, dtype=np.float32)
-    ours = ibert.forward(ck.params, ck.config, **batch, output_hidden_states=True, output_attentions=True,
-                         taps=True, propagate_scales=True)
+    ours = forward(ck.params, ck.config, **batch, output_hidden_states=True, output_attentions=True,
+                   taps=True, propagate_scales=True)
     for i, h in enumerate(hf.hidden_states):
         np.testing.assert_array_equal(np.asarray(ours.hidden_states[i]), h.numpy(), err_msg=f"{kw} hidden {i}")
     for i, a in enumerate(hf.attentions):
@@ -128,7 +129,7 @@ def test_scale_propagating_hf_matches_propagate_scales_and_the_integer_path(seed
                               hf.hidden_states[2].numpy()), "the patch changed nothing"
     state = ibert_params.initial_state(ck.config)
     for b in calib:
-        state = ibert.calibrate(ck.params, ck.config, state, **b, propagate_scales=True)
+        state = calibrate(ck.params, ck.config, state, **b, propagate_scales=True)
     for (path, got), (_, want) in zip(jax.tree_util.tree_leaves_with_path(state),
                                       jax.tree_util.tree_leaves_with_path(ck.params.state)):
         # 1e-6 relative: one seed's layer-1 context max (unrounded probs @ v, read by calibration)
@@ -136,11 +137,11 @@ def test_scale_propagating_hf_matches_propagate_scales_and_the_integer_path(seed
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=0,
                                    err_msg=f"{kw} {jax.tree_util.keystr(path)}")
     flat = {k: v.reshape(-1, v.shape[-1]) for k, v in batch.items()}
-    *_, int_taps = ibert.integer_encoder(ck.params, ck.config, ck.params.state, flat["input_ids"],
-                                         flat["attention_mask"], want_taps=True)
+    int_taps = integer_encoder(ck.params, ck.config, ck.params.state, flat["input_ids"], flat["attention_mask"],
+                               taps=True).taps
     divergence = first_divergence(ours.taps, int_taps, ck.config.num_hidden_layers)
     assert divergence is None or divergence[2] <= 1, divergence
     if divergence is None:
-        ints = ibert.forward(ck.params, ck.config, **batch, output_hidden_states=True, integer=True)
+        ints = forward(ck.params, ck.config, **batch, output_hidden_states=True, integer=True)
         for i, h in enumerate(hf.hidden_states):
             np.testing.assert_array_equal(np.asarray(ints.hidden_states[i]), h.numpy(), err_msg=f"{kw} int {i}")
