@@ -14,11 +14,13 @@ from __future__ import annotations
 from numerics import assert_close, rel_err  # noqa: F401  (re-exported to the tests)
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
 from refjax.params import mega as mega_params
-from refjax import mega
+from refjax.params.mega import MegaEma
+from refjax import mega, mega_ema
 
 FP32_TOL = 1e-5
 FP64_TOL = 1e-12
@@ -26,7 +28,8 @@ FP64_TOL = 1e-12
 ARCHITECTURES = mega_params.MEGA_ARCHITECTURES
 ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
 
-FWD = jax.jit(mega.forward, static_argnames=("config", "output_hidden_states", "output_attentions", "taps", "fast"))
+FWD = jax.jit(mega.forward, static_argnames=("config", "output_hidden_states", "output_attentions", "taps", "fast",
+                                             "remat"))
 SEEDS = st.integers(0, 2**31 - 1)
 
 
@@ -95,3 +98,13 @@ def make_inputs(raw: dict, T: int, padding: str, rng: np.random.Generator, batch
 
 def random_params(config, seed: int, dtype=np.float32, scale: float = 0.3):
     return mega_params.random_params(config, jax.random.PRNGKey(seed), dtype, scale)
+
+
+def ema_recurrence(p: MegaEma, u: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The EMA as a plain step-by-step recurrence (a `lax.scan` of `mega_ema.one_step`), what
+    the FFT convolution is tested against. u [B, D, T], state [B, D, N] -> (y [B, D, T], state)."""
+    def step(s, u_t):
+        y, s = mega_ema.one_step(p, u_t[..., None], s)
+        return s, y[..., 0]
+    state, ys = jax.lax.scan(step, state, jnp.moveaxis(u, -1, 0))
+    return jnp.moveaxis(ys, 0, -1), state

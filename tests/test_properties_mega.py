@@ -18,9 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mega_helpers import FP32_TOL, FP64_TOL, FWD, assert_close, make_inputs, random_params, raw_configs, seq_lengths
+from mega_helpers import (FP32_TOL, FP64_TOL, FWD, assert_close, ema_recurrence, make_inputs, random_params, raw_configs,
+                          seq_lengths)
 from refjax.params.mega import MegaEma, MegaRelativeBias, parse_mega_config
-from refjax import mega
+from refjax import mega, mega_attention, mega_ema
 from refjax.tooling.families import FAMILIES
 
 SETTINGS = settings(max_examples=4, deadline=None)
@@ -56,12 +57,12 @@ def test_fft_convolution_equals_the_recurrence(T, N, seed):
     key = jax.random.PRNGKey(seed)
     p = ema_params(key, D, N)
     u = jax.random.normal(jax.random.fold_in(key, 1), (2, D, T), jnp.float64)
-    by_fft = mega.ema_full(p, config, u, fft_dtype=jnp.float64)
-    by_steps, state = mega.ema_recurrence(p, u, jnp.zeros((2, D, N), jnp.float64))
+    by_fft = mega_ema.full(p, config, u, fft_dtype=jnp.float64)
+    by_steps, state = ema_recurrence(p, u, jnp.zeros((2, D, N), jnp.float64))
     assert_close(by_fft, by_steps, FP64_TOL, "fft (float64) vs recurrence")
-    assert_close(mega.ema_full(p, config, u), by_steps, FP32_TOL, "fft (float32, as HF) vs recurrence")
+    assert_close(mega_ema.full(p, config, u), by_steps, FP32_TOL, "fft (float32, as HF) vs recurrence")
     # the cached multi-token step (HF ema_step) gives the same outputs and the same final state
-    steps_out, steps_state = mega.ema_steps(p, u, jnp.zeros((2, D, N), jnp.float64))
+    steps_out, steps_state = mega_ema.steps(p, u, jnp.zeros((2, D, N), jnp.float64))
     assert_close(steps_out, by_steps, FP32_TOL, "ema_steps vs recurrence")
     assert_close(steps_state, state, FP64_TOL, "ema_steps state vs recurrence state")
 
@@ -75,9 +76,9 @@ def test_bidirectional_fft_is_a_forward_plus_a_backward_recurrence(T, seed):
     p = ema_params(key, 2 * D, N)
     u = jax.random.normal(jax.random.fold_in(key, 1), (2, D, T), jnp.float64)
     zeros = jnp.zeros((2, D, N), jnp.float64)
-    forward, _ = mega.ema_recurrence(half(p, slice(0, D)), u, zeros)
-    backward, _ = mega.ema_recurrence(half(p, slice(D, 2 * D)), u[..., ::-1], zeros)
-    assert_close(mega.ema_full(p, config, u, fft_dtype=jnp.float64), forward + backward[..., ::-1], FP64_TOL)
+    forward, _ = ema_recurrence(half(p, slice(0, D)), u, zeros)
+    backward, _ = ema_recurrence(half(p, slice(D, 2 * D)), u[..., ::-1], zeros)
+    assert_close(mega_ema.full(p, config, u, fft_dtype=jnp.float64), forward + backward[..., ::-1], FP64_TOL)
 
 
 @SETTINGS
@@ -90,7 +91,7 @@ def test_truncation_keeps_only_the_first_taps(T, truncation, bidirectional, seed
     p = ema_params(key, 2 * D if bidirectional else D, N)
     u = jax.random.normal(jax.random.fold_in(key, 1), (1, D, T), jnp.float64)
     size = min(truncation, T)
-    kernel = np.asarray(mega.ema_kernel(p, size))  # [K, size]
+    kernel = np.asarray(mega_ema.kernel(p, size))  # [K, size]
     un = np.asarray(u)[0]
     want = np.zeros((D, T))
     for t in range(T):
@@ -99,7 +100,7 @@ def test_truncation_keeps_only_the_first_taps(T, truncation, bidirectional, seed
                 want[:, t] += kernel[:D, lag] * un[:, t - lag]
             if bidirectional and t + lag < T:
                 want[:, t] += kernel[D:, lag] * un[:, t + lag]
-    assert_close(mega.ema_full(p, config, u, fft_dtype=jnp.float64)[0], want, FP64_TOL)
+    assert_close(mega_ema.full(p, config, u, fft_dtype=jnp.float64)[0], want, FP64_TOL)
 
 
 def hf_simple_bias(w: np.ndarray, M: int, n: int) -> np.ndarray:
@@ -115,8 +116,25 @@ def hf_simple_bias(w: np.ndarray, M: int, n: int) -> np.ndarray:
 def test_simple_bias_matches_hf_tile_construction(n):
     config = config_for(relative_positional_bias="simple", max_positions=8)
     w = np.arange(2 * 8 - 1, dtype=np.float64) * 1.5 + 0.25
-    ours = mega.relative_bias(MegaRelativeBias(rel_pos_bias=jnp.asarray(w)), config, n)
+    ours = mega_attention.relative_bias(MegaRelativeBias(rel_pos_bias=jnp.asarray(w)), config, jnp.arange(n), n)
     np.testing.assert_array_equal(np.asarray(ours), hf_simple_bias(w, 8, n))
+
+
+@pytest.mark.parametrize("bias", ["simple", "rotary"])
+def test_one_query_bias_row_is_that_row_of_the_full_bias(bias):
+    """Decoding asks for one query slot's row of the relative bias; it is the full table's row
+    (to 1e-12 in float64: the rotary row is a [1, Z] x [Z, S] product, the table [S, Z] x [Z, S],
+    and XLA:CPU sums them in different orders, 1 ulp apart)."""
+    config = config_for(relative_positional_bias=bias, max_positions=8)
+    key = jax.random.PRNGKey(0)
+    p = MegaRelativeBias(rel_pos_bias=jax.random.normal(key, (15,), jnp.float64)) if bias == "simple" else \
+        MegaRelativeBias(alpha=jax.random.normal(key, (1, 4), jnp.float64),
+                         b_param=jax.random.normal(jax.random.fold_in(key, 1), (1, 4), jnp.float64))
+    n = 6
+    table = np.asarray(mega_attention.relative_bias(p, config, jnp.arange(n, dtype=jnp.int32), n))
+    for i in range(n):
+        row = mega_attention.relative_bias(p, config, jnp.asarray([i], jnp.int32), n)
+        assert_close(np.asarray(row)[0], table[i], FP64_TOL, f"row {i}")
 
 
 def decoder_configs():
@@ -220,6 +238,22 @@ def test_gradients_are_finite():
         leaves = jax.tree_util.tree_leaves(grads)
         assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves), arch
         assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    """remat=True (jax.checkpoint per layer) changes memory, not math: float64, within 1e-12."""
+    config = dataclasses.replace(config_for(num_hidden_layers=2, bidirectional=True, is_decoder=False),
+                                 architecture="MegaForMaskedLM")
+    params = random_params(config, 0, jnp.float64)
+    ids = jnp.asarray([[3, 4, 5, 6], [7, 8, 9, 10]], jnp.int32)
+
+    def loss(p, remat):
+        return mega.forward(p, config, ids, labels=ids, remat=remat).loss
+
+    plain = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, False)
+    rematted = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, True)
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(rematted)):
+        assert_close(b, a, FP64_TOL, "remat vs plain")
 
 
 def test_unsupported_cache_combinations_raise():
