@@ -14,7 +14,8 @@ outputs), one math core per family (`gpt2`, `arcee`, `roformer`, `ibert`, `mega`
 from refjax import arcee, gpt2, ibert, mega, roformer
 from refjax.params.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from refjax.tooling.families import FAMILIES
+from refjax.tooling.compare import compare
 
-__all__ = ["FAMILIES", "Checkpoint", "arcee", "gpt2", "ibert", "load_checkpoint", "mega", "roformer",
+__all__ = ["FAMILIES", "Checkpoint", "arcee", "compare", "gpt2", "ibert", "load_checkpoint", "mega", "roformer",
            "save_checkpoint"]
 __version__ = "0.1.0"

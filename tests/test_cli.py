@@ -120,8 +120,8 @@ def test_generate_matches_golden_greedy(capsys, tmp_path):
     seqs, _ = read_safetensors(out_path)
     assert seqs["sequences"].dtype == np.int32
     np.testing.assert_array_equal(seqs["sequences"], golden["generate.sequences"])
-    rows = out.strip().split("\n")  # a batch prints one JSON string per row
-    assert len(rows) == 3 and all(isinstance(json.loads(r), str) for r in rows)
+    rows = out.strip().split("\n")  # --inputs: ids in, ids out, one row per line (no tokenizer involved)
+    assert [[int(t) for t in r.split()] for r in rows] == golden["generate.sequences"].tolist()
 
 
 def test_generate_prompt_prints_text(capsys):
@@ -161,7 +161,7 @@ def test_out_replaces_existing_file_atomically(capsys, tmp_path):
 
 
 def test_console_entry_point_runs_as_a_module():
-    proc = subprocess.run([sys.executable, "-m", "refjax.tooling.cli", "forward", "/no/such/dir", "--text", "x", "--out", "o"],
+    proc = subprocess.run([sys.executable, "-m", "refjax.tooling.cli", "forward", "/no/such/dir", "--text", "x", "--out", "o.safetensors"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("refjax: error:") and "/no/such/dir" in proc.stderr

@@ -1,7 +1,7 @@
 """Taps: docs/taps.md, each family's TAPS, what forward returns and what `refjax forward
 --taps` writes agree name for name, shape for shape and in order (forward's stacked dict is
 checked against TAPS by `ref.diff.expand_taps`, which the CLI runs); the taps that repeat
-an output equal it; and (reference tier) tools/hf_taps.py run on golden checkpoints agrees
+an output equal it; and (reference tier) `refjax hf-taps` run on golden checkpoints agrees
 with refjax op by op through `refjax diff`.
 """
 
@@ -89,7 +89,8 @@ def test_forward_taps_dump_every_documented_tap_with_its_shape_in_model_order(ca
             full = name.replace("{i}", str(i))
             assert full in tensors, f"documented tap {full} not written"
             assert list(tensors[full].shape) == expected, f"{full}: {tensors[full].shape} vs documented {shape}"
-    outputs = {n for n in tensors if n.startswith(("hidden_states.", "attentions.")) or n in cli.OUTPUT_FIELDS}
+    outputs = {n for n in tensors if n.startswith(("hidden_states.", "attentions.")) or n in cli.OUTPUT_FIELDS
+               or n in cli.INPUT_KEYS}
     assert set(tensors) - outputs == set(expected_taps), "written taps that docs/taps.md does not list"
 
     order = json.loads(metadata["order"])
@@ -124,17 +125,17 @@ def test_forward_taps_dump_every_documented_tap_with_its_shape_in_model_order(ca
 def test_forward_without_taps_records_the_order_of_its_outputs(tmp_path, capsys):
     case = os.path.join(GOLDEN, "gpt2", "qa")
     write_safetensors(tmp_path / "in.safetensors", golden_inputs("gpt2/qa"))
-    code = cli.main(["forward", case, "--inputs", str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "o.st")])
+    code = cli.main(["forward", case, "--inputs", str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "o.safetensors")])
     assert code == 0, capsys.readouterr().err
-    tensors, metadata = read_safetensors(tmp_path / "o.st")
+    tensors, metadata = read_safetensors(tmp_path / "o.safetensors")
     assert json.loads(metadata["order"]) == [
-        "hidden_states.0", "attentions.0", "hidden_states.1", "attentions.1", "hidden_states.2",
+        "input_ids", "attention_mask", "start_positions", "end_positions", "hidden_states.0", "attentions.0", "hidden_states.1", "attentions.1", "hidden_states.2",
         "last_hidden_state", "loss", "start_logits", "end_logits"]
     assert sorted(tensors) == sorted(json.loads(metadata["order"]))
 
 
 # --------------------------------------------------------------------------------------
-# Reference tier: tools/hf_taps.py (HF PyTorch + hooks) vs refjax, through `refjax diff`
+# Reference tier: `refjax hf-taps` (HF PyTorch + hooks) vs refjax, through `refjax diff`
 # --------------------------------------------------------------------------------------
 
 # Every hf_taps code path: fused-qkv split, inverse-layer-idx and fp32-upcast scores,
@@ -169,10 +170,7 @@ def test_hf_taps_matches_refjax_op_by_op(case, tmp_path, capsys):
     16-wide matmuls stays near 1e-6 of the tensor's magnitude, measured over all cases)."""
     pytest.importorskip("torch", reason="reference tier needs the `reference` extra (torch + transformers)")
     pytest.importorskip("transformers", reason="reference tier needs the `reference` extra (torch + transformers)")
-    import sys
-
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import hf_taps
+    from refjax.tooling import hf_taps
 
     case, _, variant = case.partition("#")
     checkpoint = os.path.join(GOLDEN, case)
@@ -182,9 +180,9 @@ def test_hf_taps_matches_refjax_op_by_op(case, tmp_path, capsys):
         assert given.pop("labels", None) is not None, f"{case} has no labels to drop"
     write_safetensors(inputs, given)
     assert cli.main(["forward", checkpoint, "--inputs", inputs, "--out", ours, "--taps"]) == 0
-    assert hf_taps.main([checkpoint, "--inputs", inputs, "--out", theirs]) == 0
+    assert cli.main(["hf-taps", checkpoint, "--inputs", inputs, "--out", theirs]) == 0
     hf_tensors, hf_meta = read_safetensors(theirs)
-    assert hf_meta["producer"] == "tools/hf_taps.py"
+    assert hf_meta["producer"] == "refjax hf-taps"
     # the taps hf_taps leaves out (no faithful HF counterpart; docs/taps.md says why): exactly those
     ref_tensors = read_safetensors(ours)[0]
     family, n_layers = case.split("/")[0], sum(n.startswith("attentions.") for n in ref_tensors)
@@ -217,18 +215,13 @@ def test_hf_taps_matches_refjax_op_by_op(case, tmp_path, capsys):
 @pytest.mark.reference
 def test_hf_taps_errors_exit_2(tmp_path, capsys):
     pytest.importorskip("torch", reason="reference tier needs the `reference` extra (torch + transformers)")
-    import sys
-
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import hf_taps
-
     write_safetensors(tmp_path / "in.safetensors", golden_inputs("gpt2/lm"))
-    assert hf_taps.main([str(tmp_path), "--inputs", str(tmp_path / "in.safetensors"), "--out",
-                         str(tmp_path / "o.safetensors")]) == 2
+    assert cli.main(["hf-taps", str(tmp_path), "--inputs", str(tmp_path / "in.safetensors"), "--out",
+                     str(tmp_path / "o.safetensors")]) == 2
     assert "no config.json" in capsys.readouterr().err
     write_safetensors(tmp_path / "bad.safetensors", {"input_ids": np.zeros((1, 3), np.int64),
                                                      "pixel_values": np.zeros((1,), np.float32)})
-    assert hf_taps.main([os.path.join(GOLDEN, "gpt2", "lm"), "--inputs", str(tmp_path / "bad.safetensors"),
-                         "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert cli.main(["hf-taps", os.path.join(GOLDEN, "gpt2", "lm"), "--inputs", str(tmp_path / "bad.safetensors"),
+                     "--out", str(tmp_path / "o.safetensors")]) == 2
     assert "pixel_values" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o.safetensors")

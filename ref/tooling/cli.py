@@ -6,8 +6,21 @@
     refjax generate CHECKPOINT_DIR (--prompt TEXT | --inputs IN.safetensors) [--max-new-tokens N]
                     [--do-sample] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                     [--out OUT.safetensors] [--dtype ...]
-    refjax diff     REF.safetensors OTHER.safetensors [--rtol R] [--atol A] [--map NAMES.json]
-                    [--allow-missing]
+    refjax diff     REF OTHER [--rtol R] [--atol A] [--map NAMES.json] [--allow-missing] [--all-positions]
+                    [--max-kl K] [--max-mean-kl K] [--min-top1 F] [--min-topk F] [--top-k K]
+                    [--json] [--junit REPORT.xml]
+    refjax envelope CHECKPOINT_DIR OTHER --dtype bfloat16|float16 [--reference-dtype float64|float32]
+                    [--factor F] [--inputs IN] [--save-reference REF] [and diff's options]
+    refjax hf-taps  CHECKPOINT_DIR --inputs IN --out OUT [--dtype ...]   (the `reference` extra)
+    refjax convert  CHECKPOINT_DIR OUT_DIR          (.bin -> safetensors; needs torch for .bin)
+
+CHECKPOINT_DIR is a directory, or a model id ("org/name") already in the local HF cache,
+read offline at `--revision` (branch, tag or commit; default main) as
+`from_pretrained(..., local_files_only=True)` does (refjax/params/hub.py); a path that
+exists always wins.
+
+Dumps (REF, OTHER, IN, OUT) are read and written by extension: .safetensors, .npz (and,
+read only, .npy or a folder of .npy files; ref/tooling/dumps.py).
 
 Errors in what the user gave (paths, files, configs, inputs) print one line
 `refjax: error: ...` and exit 2; `verify` exits 1 when a golden comparison fails, `diff`
@@ -20,17 +33,19 @@ All runs use fp64-capable JAX (`jax_enable_x64`, arrays keep their stated dtypes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from typing import Any, Sequence
 
+import numpy as np
+
+from refjax.tooling.diff import OUTPUT_FIELDS  # noqa: F401  (re-exported: the fields `forward` writes)
+from refjax.tooling.dumps import INPUT_KEYS  # noqa: F401
+
 DTYPES = ("float32", "float64", "bfloat16")
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "mc_token_ids", "labels",
-              "mc_labels", "start_positions", "end_positions")
-OUTPUT_FIELDS = ("logits", "loss", "mc_logits", "mc_loss", "start_logits", "end_logits", "last_hidden_state",
-                 "pooler_output")
 MATMUL_PRECISION = "highest"
 
 
@@ -47,13 +62,15 @@ def _setup_jax():
 
 
 def _default_golden_dir() -> str:
-    here = os.path.join(os.getcwd(), "golden")
-    if os.path.isfile(os.path.join(here, "MANIFEST.json")):
-        return here
-    beside_package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden")
-    if os.path.isfile(os.path.join(beside_package, "MANIFEST.json")):
-        return beside_package
-    raise FileNotFoundError("no golden/MANIFEST.json in the current directory; pass --golden DIR")
+    """The goldens shipped with the package (package data `refjax/golden` after an install;
+    the repository's golden/ beside ref/ in a checkout), else ./golden."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # refjax/ (ref/ in a checkout)
+    for where in (os.path.join(package, "golden"), os.path.join(os.path.dirname(package), "golden"),
+                  os.path.join(os.getcwd(), "golden")):
+        if os.path.isfile(os.path.join(where, "MANIFEST.json")):
+            return where
+    raise FileNotFoundError("no golden/MANIFEST.json in the installed package or the current directory; "
+                            "pass --golden DIR")
 
 
 # --------------------------------------------------------------------------------------
@@ -71,17 +88,19 @@ def cmd_verify(args) -> int:
         cases = [c for c in cases if any(pattern in c for pattern in args.only)]
         if not cases:
             raise UsageError(f"--only {' '.join(args.only)} matches no golden case")
+    print(f"goldens: {golden_dir} ({len(cases)} cases)", file=sys.stderr)
     rows = []
     for n, case in enumerate(cases, 1):
         start = time.perf_counter()
         case_rows = list(verify.run_case(golden_dir, case))
-        bad = sum(not r.ok for r in case_rows)
-        print(f"[{n}/{len(cases)}] {case}: {len(case_rows)} tensors, "
-              f"{'ok' if not bad else f'{bad} FAILED'} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+        print(f"[{n}/{len(cases)}] {case}: {verify.case_summary(case_rows)} ({time.perf_counter() - start:.1f}s)",
+              file=sys.stderr)
         rows += case_rows
     print(verify.format_table(rows))
     failed = [r for r in rows if not r.ok]
-    print(f"\n{len(rows) - len(failed)}/{len(rows)} tensors within tolerance over {len(cases)} cases "
+    skipped = [r for r in rows if r.status == "SKIP"]
+    print(f"\n{len(rows) - len(failed) - len(skipped)}/{len(rows)} tensors within tolerance"
+          f"{f', {len(skipped)} with nothing compared (declared non-finite)' if skipped else ''} over {len(cases)} cases "
           f"(matmul precision {MATMUL_PRECISION})")
     return 1 if failed else 0
 
@@ -91,14 +110,21 @@ def cmd_verify(args) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _check_out_path(path: str | None) -> None:
+def _check_out_path(path: str | None, flag: str = "--out") -> None:
+    from refjax.tooling import dumps
+
     if path is None:
         return
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder {folder!r} does not exist")
     if os.path.isdir(path):
-        raise UsageError(f"--out {path!r} is a directory; give a file name")
+        raise UsageError(f"{flag} {path!r} is a directory; give a file name")
+    if flag != "--junit":
+        try:
+            dumps.check_writable(path)
+        except ValueError as e:
+            raise UsageError(f"{flag} {e}") from None
 
 
 def _load(checkpoint_dir: str, dtype_name: str):
@@ -112,21 +138,9 @@ def _load(checkpoint_dir: str, dtype_name: str):
 def _read_inputs(path: str) -> dict[str, Any]:
     import jax.numpy as jnp
 
-    from refjax.params import io
+    from refjax.tooling import dumps
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"inputs file {path!r} does not exist")
-    tensors, _ = io.read_safetensors(path)
-    unknown = sorted(set(tensors) - set(INPUT_KEYS))
-    if unknown:
-        raise UsageError(f"inputs file {path!r} has unknown tensor(s) {', '.join(unknown)}; "
-                         f"accepted: {', '.join(INPUT_KEYS)}")
-    if "input_ids" not in tensors:
-        raise UsageError(f"inputs file {path!r} has no 'input_ids' tensor")
-    for name, array in tensors.items():
-        if name not in ("labels", "mc_labels") and array.dtype.kind not in "iu":
-            raise UsageError(f"inputs file {path!r}: {name!r} must be an integer tensor, got {array.dtype}")
-    return {k: jnp.asarray(v) for k, v in tensors.items()}
+    return {k: jnp.asarray(v) for k, v in dumps.read_inputs(path).items()}
 
 
 def _tokenizer(checkpoint_dir: str, flag: str):
@@ -149,8 +163,8 @@ def cmd_forward(args) -> int:
     _setup_jax()
     import jax.numpy as jnp
 
-    from refjax.params import io
     from refjax.params import tokenizer as tokenizer_lib
+    from refjax.tooling import dumps
     from refjax.tooling.families import FAMILIES
 
     _check_out_path(args.out)
@@ -166,37 +180,11 @@ def cmd_forward(args) -> int:
         inputs = _read_inputs(args.inputs)
     out = FAMILIES[ckpt.family].forward(ckpt.params, ckpt.config, **inputs, output_hidden_states=True,
                                         output_attentions=True, taps=args.taps, **options)
-    tensors, order = forward_dump(ckpt.family, out)
+    tensors, order = dumps.forward_dump(ckpt.family, out, inputs)  # the inputs too: a port can rerun them
     extra = {"options": json.dumps(options)} if options else {}
-    io.write_safetensors(args.out, tensors, {**_metadata(ckpt, args.dtype), "order": json.dumps(order), **extra})
+    dumps.write_dump(args.out, tensors, {**_metadata(ckpt, args.dtype), "order": json.dumps(order), **extra})
     print(f"wrote {len(tensors)} tensors to {args.out}", file=sys.stderr)
     return 0
-
-
-def forward_dump(family: str, out) -> tuple[dict[str, Any], list[str]]:
-    """A forward's Output -> (HF-named numpy arrays, their model order): the output fields,
-    `hidden_states.{i}`, `attentions.{i}` and, when the forward ran with taps, every tap
-    as `ref/<family>.py: TAPS` names it (`h.{i}.attn.q`). The order (ref/diff.py:
-    model_order) is what `refjax diff` compares in; it goes into the file's metadata."""
-    import numpy as np
-
-    from refjax.tooling import diff
-    from refjax.tooling.families import FAMILIES
-
-    tensors: dict[str, Any] = {}
-    for field in OUTPUT_FIELDS:
-        value = getattr(out, field)
-        if value is not None:
-            tensors[field] = np.asarray(value)
-    for i, hidden in enumerate(out.hidden_states):
-        tensors[f"hidden_states.{i}"] = np.asarray(hidden)
-    for i, probs in enumerate(out.attentions):
-        tensors[f"attentions.{i}"] = np.asarray(probs)
-    spec = FAMILIES[family].taps
-    n_layers = len(out.attentions)
-    if out.taps is not None:
-        tensors.update(diff.expand_taps(out.taps, spec, n_layers, FAMILIES[family].optional_taps))
-    return tensors, diff.model_order(tensors, spec, n_layers)
 
 
 def cmd_generate(args) -> int:
@@ -205,10 +193,10 @@ def cmd_generate(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from refjax.params import io
-    from refjax.params import tokenizer as tokenizer_lib
-    from refjax.tooling.families import FAMILIES
     from refjax.generate import Sampling
+    from refjax.params import tokenizer as tokenizer_lib
+    from refjax.tooling import dumps
+    from refjax.tooling.families import FAMILIES
 
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -231,11 +219,7 @@ def cmd_generate(args) -> int:
         extra = sorted(set(inputs) - {"input_ids", "attention_mask"})
         if extra:
             raise UsageError(f"generate reads only input_ids and attention_mask; got also {', '.join(extra)}")
-        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        try:
-            tokenizer = tokenizer_lib.load_tokenizer(args.checkpoint)
-        except FileNotFoundError:
-            tokenizer = None
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")  # ids in, ids out: no tokenizer
     start = time.perf_counter()
     sequences = family.generate(ckpt.params, ckpt.config, input_ids, attention_mask,
                                 max_new_tokens=args.max_new_tokens, sampling=sampling,
@@ -255,7 +239,7 @@ def cmd_generate(args) -> int:
         for seq in sequences:
             print(" ".join(str(int(t)) for t in seq))
     if args.out:
-        io.write_safetensors(args.out, {"sequences": sequences}, _metadata(ckpt, args.dtype))
+        dumps.write_dump(args.out, {"sequences": sequences}, _metadata(ckpt, args.dtype))
         print(f"wrote sequences {list(sequences.shape)} to {args.out}", file=sys.stderr)
     return 0
 
@@ -265,25 +249,92 @@ def cmd_generate(args) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def cmd_diff(args) -> int:
-    from refjax.tooling import diff
+def _compare(args, ref, other, **envelope):
+    """`refjax.compare` with the report options of `diff` / `envelope`."""
+    from refjax.tooling import compare, diff
 
+    names = diff.read_map(args.map) if args.map else None
+    report = compare.compare(ref, other, rtol=args.rtol, atol=args.atol, names=names,
+                             allow_missing=args.allow_missing, all_positions=args.all_positions,
+                             max_kl=args.max_kl, max_mean_kl=args.max_mean_kl, min_top1=args.min_top1,
+                             min_topk=args.min_topk, top_k=args.top_k, cli=True, **envelope)
+    if report.unused_names:
+        print(f"refjax: warning: --map entries that match no name in {report.other}: "
+              f"{', '.join(report.unused_names)}", file=sys.stderr)
+    return report
+
+
+def _print_report(args, report) -> int:
+    from refjax.params import io
+
+    if args.junit:
+        with io.atomic_write(args.junit, "w") as f:
+            f.write(report.to_junit())
+    print(report.to_json() if args.json else report.text())
+    return report.exit_code
+
+
+def _check_report_args(args) -> None:
     for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
         if not value >= 0:  # also rejects NaN
             raise UsageError(f"{flag} must be >= 0, got {value}")
-    ref = diff.read_dump(args.ref)
-    other = diff.read_dump(args.other)
-    if args.map:
-        other, unused = diff.rename(other, diff.read_map(args.map))
-        if unused:
-            print(f"refjax: warning: --map entries that match no name in {args.other}: {', '.join(unused)}",
-                  file=sys.stderr)
-    rows = diff.diff(ref, other, rtol=args.rtol, atol=args.atol)
-    print(f"REF   {args.ref}\nOTHER {args.other}\n{len(rows)} names, {diff.comparison_order(ref, other)[1]}\n")
-    print(diff.format_table(rows))
-    print()
-    print(diff.summary(rows, args.rtol, args.atol, args.allow_missing))
-    return 1 if diff.failed(rows, args.allow_missing) else 0
+    _check_out_path(args.junit, "--junit")
+
+
+def cmd_diff(args) -> int:
+    from refjax.tooling import dumps
+
+    _check_report_args(args)
+    ref, other = dumps.read_dump(args.ref), dumps.read_dump(args.other)
+    return _print_report(args, _compare(args, ref, other))
+
+
+def cmd_envelope(args) -> int:
+    _setup_jax()
+    from refjax.tooling import dumps
+    from refjax.tooling import envelope as envelope_lib
+
+    _check_report_args(args)
+    _check_out_path(args.save_reference, "--save-reference")
+    other = dumps.read_dump(args.other)
+    if args.inputs:
+        inputs = dumps.read_inputs(args.inputs)
+    elif "input_ids" in other.tensors:
+        inputs = {k: np.asarray(v) for k, v in other.inputs.items()}
+    else:
+        raise UsageError(f"{args.other} holds no input_ids: pass --inputs IN (the input the port ran)")
+    start = time.perf_counter()
+    reference, envelope = envelope_lib.measure(args.checkpoint, inputs, args.dtype, args.reference_dtype,
+                                               args.all_positions)
+    print(f"envelope: refjax in {args.dtype} vs {args.reference_dtype}, {len(envelope.drift)} tensors "
+          f"({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+    if args.save_reference:
+        dumps.write_dump(args.save_reference, reference.tensors, {**reference.metadata,
+                                                                  "order": json.dumps(reference.order)})
+    reference = dataclasses.replace(reference, path=f"refjax {args.reference_dtype} ({args.checkpoint})")
+    return _print_report(args, _compare(args, reference, other, envelope=envelope, factor=args.factor))
+
+
+def cmd_convert(args) -> int:
+    from refjax.params.checkpoint import convert_checkpoint
+
+    start = time.perf_counter()
+    names = convert_checkpoint(args.checkpoint, args.out, log=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {len(names)} files to {args.out} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+    return 0
+
+
+def cmd_hf_taps(args) -> int:
+    from refjax.tooling import dumps, hf_taps
+
+    _check_out_path(args.out)
+    try:
+        tensors, order, metadata = hf_taps.run(args.checkpoint, args.inputs, args.dtype)
+    except (OSError, RuntimeError) as e:  # HF's own refusal (from_pretrained, forward)
+        raise UsageError(f"{args.checkpoint}: {e}") from None
+    dumps.write_dump(args.out, tensors, {**metadata, "order": json.dumps(order)})
+    print(f"wrote {len(tensors)} tensors to {args.out}", file=sys.stderr)
+    return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -309,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("forward", help="run a checkpoint's head and write HF-named outputs")
-    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
+    _add_checkpoint(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="input text (needs a tokenizer in the checkpoint dir)")
     src.add_argument("--inputs", metavar="IN.safetensors", help="input_ids [batch, seq] and optional extras")
@@ -324,10 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_forward)
 
     p = sub.add_parser("generate", help="decode new tokens with a language-model head")
-    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
+    _add_checkpoint(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint dir)")
-    src.add_argument("--inputs", metavar="IN.safetensors", help="left-padded input_ids and attention_mask")
+    src.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint dir; prints the text)")
+    src.add_argument("--inputs", metavar="IN.safetensors",
+                     help="left-padded input_ids and attention_mask (no tokenizer needed; prints the ids)")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy argmax")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -339,14 +391,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("diff", help="compare two tensor dumps in model order; name the first divergence",
-                       description="Compare two tensor dumps (safetensors) name by name, in model order "
-                                   "(REF's 'order' metadata, else OTHER's, else natural order), print a table "
-                                   "and name the first tensor out of tolerance. A tensor is ok when "
-                                   "max|REF - OTHER| <= atol + rtol * max|REF|. Exit 0: all ok; 1: a tensor "
-                                   "differs, a name is missing from one side (unless --allow-missing), or "
-                                   "no name is common to both.")
-    p.add_argument("ref", metavar="REF.safetensors", help="the reference dump (e.g. `refjax forward --taps`)")
-    p.add_argument("other", metavar="OTHER.safetensors", help="the dump to check")
+                       description="Compare two tensor dumps name by name, in model order (REF's 'order' "
+                                   "metadata, else OTHER's, else natural order), print a table and name the "
+                                   "first tensor out of tolerance. A tensor is ok when max|REF - OTHER| <= "
+                                   "atol + rtol * max|REF|, over real positions only (the dump's "
+                                   "attention_mask). Exit 0: all ok; 1: a tensor differs, a name is missing "
+                                   "from one side (unless --allow-missing), no name is common to both, the "
+                                   "inputs differ, or a logits threshold fails; the last line says which.")
+    p.add_argument("ref", metavar="REF", help="the reference dump (e.g. `refjax forward --taps`): .safetensors, "
+                                              ".npz, .npy or a folder of .npy files")
+    p.add_argument("other", metavar="OTHER", help="the dump to check (same formats)")
+    _add_report_options(p)
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("envelope", help="judge a low-precision port by refjax's own drift in its dtype",
+                       description="Run refjax on the port's input in --dtype and in --reference-dtype, take "
+                                   "per tensor how far refjax itself drifts (max abs and rel L2 at real "
+                                   "positions), and judge OTHER against the reference run: ok when its max abs "
+                                   "and rel L2 are both within --factor times refjax's (or within the plain "
+                                   "tolerance). The table adds the drift and the ratio (the larger of the "
+                                   "two). Exit codes as `diff`.")
+    _add_checkpoint(p)
+    p.add_argument("other", metavar="OTHER", help="the port's dump, with its inputs (or give --inputs)")
+    p.add_argument("--dtype", required=True, choices=("bfloat16", "float16", "float32"),
+                   help="the port's dtype: refjax runs in it to measure the drift")
+    p.add_argument("--reference-dtype", default="float64", choices=("float64", "float32"),
+                   help="what the drift and the port are measured against (default float64)")
+    p.add_argument("--factor", type=float, default=None,
+                   help="allowed multiple of refjax's drift per tensor (default 4)")
+    p.add_argument("--inputs", metavar="IN", help="the input the port ran (default: the inputs in OTHER)")
+    p.add_argument("--save-reference", metavar="REF", help="also write the reference run's dump here")
+    _add_report_options(p)
+    p.set_defaults(func=cmd_envelope)
+
+    p = sub.add_parser("hf-taps", help="run a checkpoint in HF PyTorch and dump the same names (reference extra)",
+                       description="Run the checkpoint in Hugging Face PyTorch (eager attention, eval mode) and "
+                                   "write its outputs and taps under refjax's names, from forward hooks, so "
+                                   "that `refjax diff` compares refjax with HF op by op. Needs the `reference` "
+                                   "extra: pip install 'refjax[reference]'.")
+    _add_checkpoint(p)
+    p.add_argument("--inputs", required=True, metavar="IN",
+                   help="input_ids [batch, seq] and optional extras (or a refjax dump: its inputs)")
+    p.add_argument("--out", required=True, metavar="OUT.safetensors")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.set_defaults(func=cmd_hf_taps)
+
+    p = sub.add_parser("convert", help="write the safetensors version of a checkpoint (e.g. pytorch_model.bin)",
+                       description="Read a checkpoint's weights (pytorch_model.bin or its shards, with torch and "
+                                   "torch.load(weights_only=True) only; or safetensors) and write them as "
+                                   "safetensors into the new directory OUT_DIR, one file per shard with HF's names "
+                                   "and index, every other file (config, tokenizer) copied. Atomic: OUT_DIR "
+                                   "appears complete or not at all.")
+    _add_checkpoint(p)
+    p.add_argument("out", metavar="OUT_DIR", help="a new (or empty) directory")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def _add_checkpoint(p) -> None:
+    """The CHECKPOINT_DIR argument (a directory or a cached model id) and its --revision."""
+    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR",
+                   help="a checkpoint directory, or a model id (org/name) in the local HF cache")
+    p.add_argument("--revision", help="with a model id: the branch, tag or commit in the HF cache (default main)")
+
+
+def _add_report_options(p) -> None:
+    """The options of a comparison report (diff, envelope)."""
     p.add_argument("--rtol", type=float, default=1e-5, help="tolerance relative to max|REF| (default 1e-5)")
     p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
     p.add_argument("--map", metavar="NAMES.json",
@@ -354,16 +464,29 @@ def build_parser() -> argparse.ArgumentParser:
                         '{i} in a key matches a layer index: {"blk.{i}.attn_q": "layers.{i}.self_attn.q_proj"}')
     p.add_argument("--allow-missing", action="store_true",
                    help="names present on one side only are listed but do not fail the diff")
-    p.set_defaults(func=cmd_diff)
-    return parser
+    p.add_argument("--all-positions", action="store_true",
+                   help="compare padded positions too (default: only where attention_mask is 1)")
+    p.add_argument("--max-kl", type=float, metavar="K", help="fail when the largest KL(REF||OTHER) of the "
+                                                              "logits over positions exceeds K (nats)")
+    p.add_argument("--max-mean-kl", type=float, metavar="K", help="fail when the mean KL exceeds K")
+    p.add_argument("--min-top1", type=float, metavar="F",
+                   help="fail when fewer than this fraction of positions agree on the argmax")
+    p.add_argument("--min-topk", type=float, metavar="F", help="fail when the mean top-k overlap is below F")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="k of the top-k overlap (default 5)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    p.add_argument("--junit", metavar="REPORT.xml", help="also write the report as JUnit XML")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "checkpoint", None) is not None:  # a model id -> its snapshot in the HF cache
+            from refjax.params import hub
+
+            args.checkpoint = hub.resolve(args.checkpoint, args.revision)
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-            ImportError) as e:  # ImportError: an optional extra is missing (the message names the pip command)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError, ImportError) as e:  # ImportError: an optional extra is missing (the message names the pip command)
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"refjax: error: {message}", file=sys.stderr)
         return 2
