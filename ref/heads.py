@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from refjax.params.common import Linear
-from refjax import losses, nn
+from refjax import nn
 
 
 class Output(eqx.Module):
@@ -106,36 +106,3 @@ def span_logits(qa_outputs: Linear, hidden: jax.Array) -> dict[str, jax.Array]:
     """HF `*ForQuestionAnswering`: start and end logits [B, T] from one Linear(D, 2)."""
     span = nn.linear(qa_outputs, hidden)  # [B, T, 2]
     return {"start_logits": span[..., 0], "end_logits": span[..., 1]}
-
-
-# ---------------------------------------------------------------------------------------
-# Heads shared by the decoder families (HF's GPT2For* and Generic*For* classes agree).
-# ---------------------------------------------------------------------------------------
-
-
-def sequence_classification(score: Linear, hidden: jax.Array, input_ids, pad_token_id, num_labels: int,
-                            problem_type, labels=None) -> tuple[jax.Array, jax.Array | None]:
-    """Score every token, keep the last non-pad one (HF `*ForSequenceClassification`).
-    hidden [B, T, D] -> logits [B, num_labels], loss by problem_type."""
-    token_logits = nn.linear(score, hidden)  # [B, T, num_labels]
-    logits = pool_at(token_logits, last_non_pad_index(input_ids, pad_token_id, hidden.shape[0]))
-    loss = None if labels is None else losses.sequence_classification_loss(logits, labels, num_labels, problem_type)
-    return logits, loss
-
-
-def token_classification(classifier: Linear, hidden: jax.Array, num_labels: int, labels=None):
-    """Per-token logits [B, T, num_labels] and the mean cross-entropy over labels != -100."""
-    logits = nn.linear(classifier, hidden)
-    loss = None if labels is None else losses.cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1))
-    return logits, loss
-
-
-def question_answering(qa_outputs: Linear, hidden: jax.Array, start_positions=None, end_positions=None):
-    """Span start/end logits [B, T] each, and HF's clamped span loss."""
-    span = nn.linear(qa_outputs, hidden)  # [B, T, 2]
-    start_logits, end_logits = span[..., 0], span[..., 1]
-    loss = None
-    if start_positions is not None and end_positions is not None:
-        loss = losses.span_loss(start_logits, end_logits, start_positions, end_positions)
-    return start_logits, end_logits, loss
-
