@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -129,6 +130,24 @@ def test_generate_prompt_prints_text(capsys):
     assert code == 0 and out.startswith("The")
 
 
+def test_generate_inputs_needs_no_tokenizer(capsys, tmp_path):
+    """An Arcee directory without tokenizer files (and no builder for its slow files): --inputs
+    decodes ids and prints them; only --prompt needs a tokenizer."""
+    case = os.path.join(GOLDEN, "arcee", "causal-lm")
+    assert not [n for n in os.listdir(case) if n.startswith("tokenizer")]
+    golden, _ = read_safetensors(os.path.join(case, "golden.safetensors"))
+    inputs = tmp_path / "prompt.safetensors"
+    write_safetensors(inputs, {"input_ids": golden["generate.input_ids"],
+                               "attention_mask": golden["generate.attention_mask"]})
+    new = golden["generate.sequences"].shape[1] - golden["generate.input_ids"].shape[1]
+    code, out, err = run(capsys, "generate", case, "--inputs", str(inputs), "--max-new-tokens", str(new),
+                         "--out", str(tmp_path / "seq.safetensors"))
+    assert code == 0, err
+    assert [[int(t) for t in row.split()] for row in out.strip().split("\n")] == golden["generate.sequences"].tolist()
+    code, _, err = run(capsys, "generate", case, "--prompt", "x")
+    assert code == 2 and "--prompt needs a tokenizer" in err
+
+
 @pytest.mark.parametrize("argv, culprit", [
     (["forward", "/no/such/dir", "--text", "x", "--out", "OUT"], "/no/such/dir"),
     (["forward", "GOLDEN/gpt2/model", "--text", "x", "--out", "OUT"], "tokenizer"),
@@ -192,3 +211,23 @@ def test_forward_on_every_hf_directory_matches_hf_within_1e4(capsys, tmp_path, c
     for name, ref in expected.items():
         ours = np.asarray(out[name]).reshape(ref.shape)
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4, err_msg=f"{case}: {name}")
+
+
+def test_verify_uses_a_persistent_compilation_cache(tmp_path, monkeypatch, capsys):
+    """`refjax verify` keeps its compiled programs in $REFJAX_COMPILATION_CACHE (so a second
+    run loads instead of compiling) and prints its total time; "off" turns the cache off."""
+    import jax
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("REFJAX_COMPILATION_CACHE", str(cache))
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert cli.main(["verify", "--only", "gpt2/tokcls"]) == 0
+        assert re.search(r"tensors within tolerance over 1 cases .* in [0-9.]+ s", capsys.readouterr().out)
+        assert jax.config.jax_compilation_cache_dir == str(cache)
+        monkeypatch.setenv("REFJAX_COMPILATION_CACHE", "off")
+        jax.config.update("jax_compilation_cache_dir", before)
+        cli._setup_jax()
+        assert jax.config.jax_compilation_cache_dir == before
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
