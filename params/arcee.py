@@ -10,6 +10,7 @@ Llama-like decoder: RMSNorm, grouped-query attention with RoPE, and an MLP witho
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import equinox as eqx
@@ -107,54 +108,56 @@ ARCEE_IGNORED = {
 }
 
 
-def _parse_rope_scaling(raw: Any, f: _Fields) -> RopeScaling:
+def _parse_rope_scaling(raw: Any, f: _Fields, field: str = "rope_scaling") -> RopeScaling:
+    """HF 4.x `rope_scaling` (or v5's `rope_parameters` once `_from_rope_parameters` has
+    rewritten it: `field` names the field in messages)."""
     if raw is None:
         return RopeScaling()
     if not isinstance(raw, dict):
-        raise ConfigError(f"arcee config: field 'rope_scaling' must be an object or null, got {raw!r}")
+        raise ConfigError(f"arcee config: field '{field}' must be an object or null, got {raw!r}")
     raw = dict(raw)
     rope_type = raw.pop("rope_type", None)
     legacy = raw.pop("type", None)  # HF copies the legacy "type" key into "rope_type"
     rope_type = rope_type or legacy or "default"
     if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"arcee config: field 'rope_scaling.rope_type' is {rope_type!r}; accepted values: "
+        raise ConfigError(f"arcee config: field '{field}.rope_type' is {rope_type!r}; accepted values: "
                           + ", ".join(repr(t) for t in ROPE_TYPES))
     unknown = sorted(set(raw) - _ROPE_KEYS[rope_type])
     if unknown:
-        raise ConfigError(f"arcee config: rope_scaling key(s) {', '.join(map(repr, unknown))} are not used by "
+        raise ConfigError(f"arcee config: {field} key(s) {', '.join(map(repr, unknown))} are not used by "
                           f"rope_type {rope_type!r} (accepted: {', '.join(sorted(_ROPE_KEYS[rope_type])) or 'none'})")
 
     def number(key, required=False, positive=True):
         value = raw.get(key)
         if value is None:
             if required:
-                raise ConfigError(f"arcee config: rope_type {rope_type!r} needs 'rope_scaling.{key}'")
+                raise ConfigError(f"arcee config: rope_type {rope_type!r} needs '{field}.{key}'")
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) \
                 or (positive and value <= 0):
-            raise ConfigError(f"arcee config: field 'rope_scaling.{key}' must be a positive number, got {value!r}")
+            raise ConfigError(f"arcee config: field '{field}.{key}' must be a positive number, got {value!r}")
         return float(value)
 
     def factors(key):
         value = raw.get(key)
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                   and v > 0 for v in value):
-            raise ConfigError(f"arcee config: rope_type 'longrope' needs 'rope_scaling.{key}' as a list of "
+            raise ConfigError(f"arcee config: rope_type 'longrope' needs '{field}.{key}' as a list of "
                               f"positive numbers, got {value!r}")
         return tuple(float(v) for v in value)
 
     factor = number("factor", required=rope_type in ("linear", "dynamic", "yarn", "llama3"))
     if factor is not None and factor < 1 and rope_type != "longrope":
-        raise ConfigError(f"arcee config: field 'rope_scaling.factor' must be >= 1, got {factor}")
+        raise ConfigError(f"arcee config: field '{field}.factor' must be >= 1, got {factor}")
     original = raw.get("original_max_position_embeddings")
     if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original < 1):
-        raise ConfigError(f"arcee config: field 'rope_scaling.original_max_position_embeddings' must be a positive "
+        raise ConfigError(f"arcee config: field '{field}.original_max_position_embeddings' must be a positive "
                           f"integer, got {original!r}")
     if rope_type == "llama3" and original is None:
-        raise ConfigError("arcee config: rope_type 'llama3' needs 'rope_scaling.original_max_position_embeddings'")
+        raise ConfigError(f"arcee config: rope_type 'llama3' needs '{field}.original_max_position_embeddings'")
     truncate = raw.get("truncate", True)
     if not isinstance(truncate, bool):
-        raise ConfigError(f"arcee config: field 'rope_scaling.truncate' must be true or false, got {truncate!r}")
+        raise ConfigError(f"arcee config: field '{field}.truncate' must be true or false, got {truncate!r}")
     return RopeScaling(
         rope_type=rope_type,
         factor=factor,
@@ -172,8 +175,68 @@ def _parse_rope_scaling(raw: Any, f: _Fields) -> RopeScaling:
     )
 
 
+# transformers v5 writes RoPE settings as one `rope_parameters` object: rope_theta, rope_type and
+# the scaling keys of 4.x's `rope_scaling` (and maybe partial_rotary_factor) together. Keys it
+# may hold besides a rope_type's own (_ROPE_KEYS); they move to the top level, where 4.x keeps them.
+_V5_ROPE_TOP_LEVEL = ("rope_theta", "partial_rotary_factor")
+
+
+def _from_rope_parameters(raw: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    """A v5 config (`rope_parameters`) rewritten into the 4.57 keys that compute the same
+    rotary embedding (transformers 5.x `modeling_rope_utils.py`), and the field name for
+    messages. A 4.x config is returned as is.
+
+    v5's semantics, where they differ from 4.57's reading of `rope_scaling`:
+    - yarn / longrope / llama3 take `original_max_position_embeddings` from `rope_parameters`,
+      a top-level value winning (v5's Phi-3 exception), else `max_position_embeddings`.
+    - longrope uses `factor` when given (4.57 replaces it by max / original when a top-level
+      original exists): its attention factor is computed here from that factor, v5's formula,
+      and the original context moves to the top level, where refjax's 4.57 longrope reads it.
+    - yarn / longrope without `factor` use max_position_embeddings / original.
+    """
+    if raw.get("rope_parameters") is None:
+        return raw, "rope_scaling"
+    params = raw["rope_parameters"]
+    if not isinstance(params, dict):
+        raise ConfigError(f"arcee config: field 'rope_parameters' must be an object or null, got {params!r}")
+    if raw.get("rope_scaling") is not None:  # v5 would take rope_scaling and drop rope_parameters: refuse to guess
+        raise ConfigError("arcee config: both 'rope_scaling' (transformers 4.x) and 'rope_parameters' (v5) are "
+                          "set; keep one")
+    raw, params = {k: v for k, v in raw.items() if k != "rope_parameters"}, dict(params)
+    for key in _V5_ROPE_TOP_LEVEL:  # v5 reads them from rope_parameters first; a differing top-level copy is ambiguous
+        if key in params:
+            value = params.pop(key)
+            if raw.get(key, value) != value:
+                raise ConfigError(f"arcee config: 'rope_parameters.{key}' ({value!r}) and the top-level '{key}' "
+                                  f"({raw[key]!r}) differ")
+            raw[key] = value
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type in ("yarn", "longrope", "llama3"):
+        original = raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") \
+            or raw.get("max_position_embeddings", 4096)
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            raise ConfigError(f"arcee config: field 'rope_parameters.original_max_position_embeddings' must be a "
+                              f"positive integer, got {original!r}")
+        params["original_max_position_embeddings"] = original
+        factor = params.get("factor")
+        if factor is None and rope_type in ("yarn", "longrope"):
+            factor = params["factor"] = raw.get("max_position_embeddings", 4096) / original
+        if rope_type == "longrope":
+            raw["original_max_position_embeddings"] = params.pop("original_max_position_embeddings")
+            if params.get("attention_factor") is None and isinstance(factor, (int, float)) \
+                    and not isinstance(factor, bool):
+                if factor > 1 and original == 1:
+                    raise ConfigError("arcee config: rope_type 'longrope' derives its attention factor from "
+                                      "log(original_max_position_embeddings), which is 0 here; give "
+                                      "'rope_parameters.attention_factor' or a longer original context")
+                params["attention_factor"] = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {**raw, "rope_scaling": params}, "rope_parameters"
+
+
 def parse_arcee_config(raw: Mapping[str, Any], architecture: str | None = None) -> ArceeConfig:
-    """Parse an Arcee config.json dict with HF's defaults; unknown keys are errors."""
+    """Parse an Arcee config.json dict (transformers 4.x, or v5 with `rope_parameters`) with
+    HF's defaults; unknown keys are errors."""
+    raw, rope_field = _from_rope_parameters(raw)
     f = _Fields(raw, "arcee")
     architecture = _family_architecture(raw, "arcee", architecture, ARCEE_ARCHITECTURES)
     hidden_size = f.int("hidden_size", 2560)
@@ -195,12 +258,12 @@ def parse_arcee_config(raw: Mapping[str, Any], architecture: str | None = None) 
     if head_dim % 2:
         raise ConfigError(f"arcee config: field 'head_dim' must be even for rotary embeddings, got {head_dim}")
     f.used.add("rope_scaling")
-    rope = _parse_rope_scaling(raw.get("rope_scaling"), f)
+    rope = _parse_rope_scaling(raw.get("rope_scaling"), f, rope_field)
     rotary_half = int(head_dim * partial) // 2
     for key in ("short_factor", "long_factor"):
         value = getattr(rope, key)
         if value is not None and len(value) != rotary_half:
-            raise ConfigError(f"arcee config: 'rope_scaling.{key}' has {len(value)} entries; expected rotary_dim/2 "
+            raise ConfigError(f"arcee config: '{rope_field}.{key}' has {len(value)} entries; expected rotary_dim/2 "
                               f"= {rotary_half}")
     vocab_size = f.int("vocab_size", 32000)
     config = ArceeConfig(

@@ -6,6 +6,12 @@ then the raw little-endian tensor bytes. The `safetensors` library validates the
 (offsets, sizes, overlaps); tensors are then memory-mapped with numpy so that a checkpoint
 is read lazily and bfloat16 works (numpy learns bfloat16 from `ml_dtypes`, a jax dependency).
 
+PyTorch checkpoints (`pytorch_model.bin`, or shards + `pytorch_model.bin.index.json`) are
+read only with torch installed and only with `torch.load(weights_only=True)`: torch's
+restricted unpickler, which builds tensors and plain containers and refuses any other
+class, so a `.bin` file can never run code. Safetensors are preferred when both exist, as
+in `from_pretrained`.
+
 Everything written goes to a temporary file in the target directory first and is renamed
 into place, so an interrupted run never leaves a half-written file.
 """
@@ -18,7 +24,9 @@ import functools
 import json
 import os
 import re
+import pickle
 import tempfile
+import zipfile
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -42,10 +50,19 @@ _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+# What `from_pretrained` looks for, in its order of preference: (file, is it an index).
+WEIGHT_FILES = ((SINGLE_FILE, False), (INDEX_FILE, True), (BIN_FILE, False), (BIN_INDEX_FILE, True))
+TORCH_PIP = "pip install 'refjax[torch]'"
 
 
 class CheckpointError(ValueError):
     """A checkpoint file or tensor refjax cannot use; the message names the file or key."""
+
+
+class TorchNotInstalledError(ImportError):
+    """A `.bin` checkpoint met without torch installed; the message has the pip command."""
 
 
 # --------------------------------------------------------------------------------------
@@ -53,9 +70,30 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    umask = os.umask(0)  # the only portable way to read the umask is to set it (and restore it)
+    os.umask(umask)
+    return umask
+
+
+def file_mode(path: str) -> int:
+    """The permission bits a plain `open(path, "w")` gives: an existing file keeps its mode,
+    a new one gets 0o666 minus the process umask."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The permission bits `os.mkdir` gives a new directory: 0o777 minus the umask."""
+    return 0o777 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temp file beside `path`; rename it onto `path` only if the block succeeds."""
+    """Open a temp file beside `path`; rename it onto `path` only if the block succeeds.
+    The file gets the mode a plain write would give it (`file_mode`), not mkstemp's 0600."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -63,6 +101,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
+            os.chmod(tmp, file_mode(path))  # mkstemp makes 0600; give the mode open(path, "w") would
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -163,18 +202,87 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metad
             f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
+def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of one PyTorch `.bin` state dict as numpy arrays (memory-mapped for the
+    zip format torch has written since 1.6), read with `torch.load(weights_only=True)`.
+
+    Raises TorchNotInstalledError (an ImportError naming the pip command) without torch, and
+    CheckpointError when the pickle holds anything but tensors (refused, never unpickled)
+    or is not a readable torch file."""
+    path = os.fspath(path)
+    try:
+        import torch
+    except ImportError:
+        raise TorchNotInstalledError(
+            f"{path}: reading PyTorch .bin checkpoints needs torch, which is not installed: {TORCH_PIP} "
+            "(or convert the checkpoint to safetensors where torch is installed: refjax convert DIR OUT)") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"PyTorch checkpoint {path!r} does not exist")
+    try:  # mmap needs the zip format; the legacy format is read whole
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Weights only load failed" not in text:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (UnpicklingError: {text})") from None
+        # torch's reason, e.g. "Unsupported global: GLOBAL pkg.Class was not an allowed global by default"
+        why = " ".join(text.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0].split())
+        why = why.partition(". Please use")[0] or "objects other than tensors"
+        raise CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True), which reads only tensors and plain containers: "
+            f"{why}. refjax never runs a full unpickle (it can execute code)") from None
+    except Exception as e:  # torch reports a truncated or foreign file as RuntimeError, KeyError, EOFError, ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict (tensor name -> tensor), got {type(state).__name__}")
+    tensors = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        tensors[name] = _torch_to_numpy(path, name, tensor, torch)
+    return tensors
+
+
+def _torch_to_numpy(path: str, name: str, tensor: Any, torch: Any) -> np.ndarray:
+    """A CPU tensor as a numpy array sharing its memory; bfloat16 through ml_dtypes."""
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+        return tensor.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    try:
+        array = tensor.detach().numpy()
+    except TypeError:
+        array = None
+    if array is None or array.dtype not in _DTYPE_NAMES:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, which refjax does not read")
+    return array
+
+
 def read_checkpoint_tensors(checkpoint_dir: str | os.PathLike, lazy: bool = False) -> dict[str, Any]:
     """Every tensor of a HF checkpoint dir: `model.safetensors` or a sharded index
-    (memory-mapped arrays, or `LazyTensor`s with `lazy=True`)."""
+    (memory-mapped arrays, or `LazyTensor`s with `lazy=True`), else `pytorch_model.bin` or
+    its sharded index (with torch: `read_torch_bin`)."""
+    return {name: tensor for _, _, tensors in iter_checkpoint_shards(checkpoint_dir, lazy)
+            for name, tensor in tensors.items()}
+
+
+def weight_files(checkpoint_dir: str | os.PathLike) -> tuple[str, list[str]]:
+    """(the file found first in WEIGHT_FILES' order, the weight files it stands for: itself,
+    or the shards its index names, in sorted order). Checks the index and that each shard exists."""
     checkpoint_dir = os.fspath(checkpoint_dir)
-    single = os.path.join(checkpoint_dir, SINGLE_FILE)
-    index = os.path.join(checkpoint_dir, INDEX_FILE)
-    if os.path.isfile(single):
-        return read_safetensors(single, lazy)[0]
-    if not os.path.isfile(index):
-        found = sorted(os.listdir(checkpoint_dir)) if os.path.isdir(checkpoint_dir) else []
-        hint = " (refjax reads only safetensors; convert .bin files first)" if any(n.endswith(".bin") for n in found) else ""
-        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {checkpoint_dir!r}{hint}")
+    found = [(name, is_index) for name, is_index in WEIGHT_FILES if os.path.isfile(os.path.join(checkpoint_dir, name))]
+    if not found:
+        names = [name for name, _ in WEIGHT_FILES]
+        raise FileNotFoundError(f"no {', '.join(names[:-1])} or {names[-1]} in {checkpoint_dir!r}")
+    name, is_index = found[0]
+    if not is_index:
+        return name, [name]
+    index = os.path.join(checkpoint_dir, name)
+    shards = sorted(set(_read_weight_map(index).values()))
+    for shard in shards:
+        if os.path.dirname(shard) or not os.path.isfile(os.path.join(checkpoint_dir, shard)):
+            raise FileNotFoundError(f"{index} names shard {shard!r}, which is not a file in {checkpoint_dir!r}")
+    return name, shards
+
+
+def _read_weight_map(index: str) -> dict[str, str]:
     try:
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
@@ -182,23 +290,32 @@ def read_checkpoint_tensors(checkpoint_dir: str | os.PathLike, lazy: bool = Fals
             raise TypeError("'weight_map' must map tensor names to file names")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index}: invalid sharded index ({type(e).__name__}: {e})") from None
-    tensors: dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = os.path.join(checkpoint_dir, shard)
-        if os.path.dirname(shard) or not os.path.isfile(shard_path):
-            raise FileNotFoundError(f"{index} names shard {shard!r}, which is not a file in {checkpoint_dir!r}")
-        shard_tensors, _ = read_safetensors(shard_path, lazy)
-        for name, array in shard_tensors.items():
-            if weight_map.get(name) != shard:
-                raise CheckpointError(
-                    f"{index}: tensor {name!r} is stored in {shard!r} but the index maps it to "
-                    f"{weight_map.get(name)!r}")
-            tensors[name] = array
-    missing = sorted(set(weight_map) - set(tensors))
+    return weight_map
+
+
+def iter_checkpoint_shards(checkpoint_dir: str | os.PathLike,
+                           lazy: bool = False) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(shard number from 1, file name, its tensors) for each weight file of a checkpoint dir,
+    in `weight_files` order; with an index, every tensor checked against its weight map."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    name, shards = weight_files(checkpoint_dir)
+    torch_format = name in (BIN_FILE, BIN_INDEX_FILE)
+    weight_map = _read_weight_map(os.path.join(checkpoint_dir, name)) if shards != [name] else None
+    seen: set[str] = set()
+    for n, shard in enumerate(shards, 1):
+        path = os.path.join(checkpoint_dir, shard)
+        tensors = read_torch_bin(path) if torch_format else read_safetensors(path, lazy)[0]
+        if weight_map is not None:
+            for key in tensors:
+                if weight_map.get(key) != shard:
+                    raise CheckpointError(f"{os.path.join(checkpoint_dir, name)}: tensor {key!r} is stored in "
+                                          f"{shard!r} but the index maps it to {weight_map.get(key)!r}")
+        seen.update(tensors)
+        yield n, shard, tensors
+    missing = sorted(set(weight_map or ()) - seen)
     if missing:
-        raise CheckpointError(f"{index}: tensor {missing[0]!r} is mapped to {weight_map[missing[0]]!r}, "
-                              f"which does not contain it ({len(missing)} such tensor(s))")
-    return tensors
+        raise CheckpointError(f"{os.path.join(checkpoint_dir, name)}: tensor {missing[0]!r} is mapped to "
+                              f"{weight_map[missing[0]]!r}, which does not contain it ({len(missing)} such tensor(s))")
 
 
 def write_checkpoint_tensors(checkpoint_dir: str | os.PathLike, tensors: Mapping[str, Any],

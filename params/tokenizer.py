@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from refjax.params import hub
+
 __all__ = ["load_tokenizer", "encode", "decode", "BUILDERS"]
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -41,8 +43,10 @@ _SPECIAL_TOKEN_KEYS = (
 # --------------------------------------------------------------------------- public API
 
 
-def load_tokenizer(checkpoint_dir: str | os.PathLike, family: str | None = None) -> Tokenizer:
-    """The tokenizer of the checkpoint in `checkpoint_dir`.
+def load_tokenizer(checkpoint_dir: str | os.PathLike, family: str | None = None,
+                   revision: str | None = None) -> Tokenizer:
+    """The tokenizer of the checkpoint in `checkpoint_dir` (a directory, or a model id in the
+    local HF cache at `revision`, as `load_checkpoint` takes it: params/hub.py).
 
     `family` picks how to build it from the slow files when there is no ``tokenizer.json``;
     by default it is config.json's ``model_type``, or ``"gpt2"`` when there is no config.json.
@@ -50,7 +54,7 @@ def load_tokenizer(checkpoint_dir: str | os.PathLike, family: str | None = None)
     Raises FileNotFoundError (naming the directory and the files looked for) when the
     directory holds no tokenizer files, and ValueError (naming the file) when one is corrupt.
     """
-    directory = Path(checkpoint_dir)
+    directory = Path(hub.resolve(checkpoint_dir, revision))
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
     tokenizer_config = _read_json_object(directory / TOKENIZER_CONFIG, missing_ok=True)

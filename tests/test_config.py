@@ -159,11 +159,19 @@ def test_legacy_keys_accepted():
                   no_repeat_ngram_size=0, bad_words_ids=None, num_return_sequences=1, output_scores=False,
                   return_dict_in_generate=False, forced_bos_token_id=None, forced_eos_token_id=None,
                   typical_p=1.0, diversity_penalty=0.0, num_beam_groups=1,
-                  resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, summary_first_dropout=0.1,
-                  summary_last_dropout=0.1, classifier_dropout=0.1, use_cache=False, torch_dtype="float16",
+                  use_cache=False, torch_dtype="float16",
                   _name_or_path="gpt2", transformers_version="4.0.0", gradient_checkpointing=False)
     base = parse_gpt2_config(lm_raw())
     assert parse_gpt2_config(with_(lm_raw(), **legacy)) == base
+    # dropout rates are read (train=True uses them) and change nothing else
+    rates = dict(resid_pdrop=0.2, embd_pdrop=0.3, attn_pdrop=0.4, summary_first_dropout=0.5,
+                 summary_last_dropout=0.6, classifier_dropout=0.7)
+    parsed = parse_gpt2_config(with_(lm_raw(), **rates))
+    assert {k: getattr(parsed, k) for k in rates} == rates
+    assert dataclasses.replace(parsed, **{k: getattr(base, k) for k in rates}) == base
+    for bad in (-0.1, 1.0, "x", True):
+        with pytest.raises(ConfigError, match="attn_pdrop.*dropout rate in \\[0, 1\\)"):
+            parse_gpt2_config(with_(lm_raw(), attn_pdrop=bad))
     # n_ctx is a legacy alias and never overrides n_positions
     assert parse_gpt2_config(with_(lm_raw(), n_ctx=7)).n_positions == 48
 
