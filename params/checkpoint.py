@@ -18,6 +18,8 @@ import tempfile
 from types import ModuleType
 from typing import Any
 
+import jax
+
 import numpy as np
 
 from refjax.params import config as config_lib
@@ -67,21 +69,35 @@ def load_config(checkpoint_dir: str | os.PathLike, revision: str | None = None) 
     return family, FAMILIES[family].parse_config(raw), raw
 
 
-def load_checkpoint(checkpoint_dir: str | os.PathLike, dtype: Any = None, revision: str | None = None) -> Checkpoint:
+def load_checkpoint(checkpoint_dir: str | os.PathLike, dtype: Any = None, revision: str | None = None,
+                    mesh: Any = None) -> Checkpoint:
     """Load config and weights with strict checks; `dtype` casts floats (None keeps them).
 
     `checkpoint_dir` is a directory, or a model id ("org/name") already in the local HF cache,
     read offline at `revision` (branch, tag or commit; default "main") as
-    `from_pretrained(..., local_files_only=True)` reads it (params/hub.py)."""
+    `from_pretrained(..., local_files_only=True)` reads it (params/hub.py).
+    `mesh` (a `jax.sharding.Mesh` with "data" and "model" axes, params/sharding.py): every
+    tensor is placed with its tensor-parallel sharding straight from the file, each device
+    (and, under `jax.distributed`, each process) reading only its own slices; no device
+    ever holds the whole model unless the mesh says so."""
     checkpoint_dir = hub.resolve(checkpoint_dir, revision)
     family, config, raw = load_config(checkpoint_dir)
     module = FAMILIES[family].module
     tensors = io.read_checkpoint_tensors(checkpoint_dir, lazy=True)
     if hasattr(module, "computed_tensors"):  # buffers HF recomputes when a checkpoint lacks them (RoFormer)
         tensors = {**tensors, **module.computed_tensors(config, tensors.keys())}
+    skeleton = module.skeleton(config)
+    shardings = None
+    if mesh is not None:
+        from jax.sharding import NamedSharding
+
+        from refjax.params import sharding
+
+        shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), sharding.param_specs(skeleton, mesh),
+                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     params = io.tree_from_tensors(
-        tensors, module.skeleton(config), module.name_rules(config), module.dropped_keys(config),
-        base_prefix=module.base_prefix(config), dtype=dtype)
+        tensors, skeleton, module.name_rules(config), module.dropped_keys(config),
+        base_prefix=module.base_prefix(config), dtype=dtype, shardings=shardings)
     return Checkpoint(family, config, params, raw)
 
 

@@ -144,6 +144,16 @@ class LazyTensor:
         array = self.read_into(np.empty(self.shape, self.dtype))
         return array if dtype is None else array.astype(dtype)
 
+    def read_slice(self, index: tuple) -> np.ndarray:
+        """Only the entries at `index` (a tuple of slices), copied into a fresh buffer: the
+        file is memory-mapped for the copy, so the OS reads the pages that hold them (a
+        device of a mesh reads its shard, not the whole tensor)."""
+        mapped = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+        try:
+            return np.array(mapped[index])
+        finally:
+            del mapped
+
 
 def read_safetensors(path: str | os.PathLike, lazy: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
     """All tensors of one safetensors file and its metadata: memory-mapped read-only arrays,
@@ -380,7 +390,8 @@ def _hf_shape(shape: tuple[int, ...], rule: NameRule) -> tuple[int, ...]:
 
 
 def tree_from_tensors(tensors: Mapping[str, np.ndarray], skeleton: Any, rules: list[NameRule],
-                      dropped: Mapping[str, str], base_prefix: str = "", dtype: Any = None) -> Any:
+                      dropped: Mapping[str, str], base_prefix: str = "", dtype: Any = None,
+                      shardings: Any = None) -> Any:
     """Fill `skeleton` (a tree of ShapeDtypeStructs) from HF-named tensors.
 
     Strict: every leaf must be found with the right shape, a floating dtype and finite
@@ -388,6 +399,8 @@ def tree_from_tensors(tensors: Mapping[str, np.ndarray], skeleton: Any, rules: l
     `base_prefix`: if no key carries it (HF's bare-body checkpoints), it is added to every
     key that no rule names without it, as HF's `from_pretrained` does.
     `dtype`: cast leaves to it; None keeps the checkpoint dtype.
+    `shardings`: a tree of `jax.sharding.Sharding`s (same structure): each leaf is then
+    placed straight from the file, each device reading only its shard (`sharded_leaf`).
     """
     tensors = dict(tensors)
     if base_prefix and tensors and not any(k.startswith(base_prefix) for k in tensors):
@@ -396,6 +409,8 @@ def tree_from_tensors(tensors: Mapping[str, np.ndarray], skeleton: Any, rules: l
     by_path = {r.path: r for r in rules}
     used: set[str] = set()
     leaves = []
+    sharding_leaves = None if shardings is None else jax.tree_util.tree_leaves(
+        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
     def to_device(part, rule, key):  # one tensor: read into a fresh host buffer, check, transpose, move, cast
         # A fresh buffer each time: device_put may alias host memory while dispatch is
@@ -422,7 +437,9 @@ def tree_from_tensors(tensors: Mapping[str, np.ndarray], skeleton: Any, rules: l
                 raise CheckpointError(f"tensor {key!r} has dtype {array.dtype}; expected a floating dtype")
             used.add(key)
             parts.append(array)
-        if "{i}" in rule.hf:  # fill the [L, ...] stack layer by layer, in place: no second copy of the group
+        if shardings is not None:
+            leaf = sharded_leaf(parts, keys, rule, tuple(spec.shape), dtype, sharding_leaves[len(leaves)])
+        elif "{i}" in rule.hf:  # fill the [L, ...] stack layer by layer, in place: no second copy of the group
             leaf_dtype = dtype or parts[0].dtype
             leaf = jax.numpy.zeros((len(parts),) + _hf_shape(per_key_shape, rule), leaf_dtype)
             for i, (key, part) in enumerate(zip(keys, parts)):
@@ -434,6 +451,38 @@ def tree_from_tensors(tensors: Mapping[str, np.ndarray], skeleton: Any, rules: l
         if not any(re.fullmatch(pattern, key) for pattern in dropped):
             raise CheckpointError(f"unexpected tensor {key!r} (shape {list(tensors[key].shape)}) in checkpoint")
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(skeleton), leaves)
+
+
+def _read_part(part: Any, index: tuple) -> np.ndarray:
+    """`part[index]` as a fresh host array, reading only those entries of a lazy tensor."""
+    if hasattr(part, "read_slice"):
+        return part.read_slice(index)
+    return np.array(np.asarray(part)[index])
+
+
+def sharded_leaf(parts: list, keys: list[str], rule: NameRule, shape: tuple[int, ...], dtype, sharding) -> jax.Array:
+    """One leaf placed on a mesh straight from the checkpoint: each addressable device's
+    callback reads only its slice of the HF tensor(s) (through the transpose, per layer of a
+    stack), checks it and casts it; nothing else of the tensor is read in this process."""
+    stacked = "{i}" in rule.hf
+
+    def shard(index: tuple) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        layers = range(*index[0].indices(shape[0])) if stacked else [None]
+        inner = index[1:] if stacked else index
+        hf_index = inner[:-2] + (inner[-1], inner[-2]) if rule.transpose else inner
+        pieces = []
+        for layer in layers:
+            part, key = (parts[layer], keys[layer]) if stacked else (parts[0], keys[0])
+            array = _read_part(part, hf_index)
+            bad = _count_nonfinite(array)
+            if bad:
+                raise CheckpointError(f"tensor {key!r} holds {bad} non-finite value(s) (NaN or inf)")
+            pieces.append(np.swapaxes(array, -1, -2) if rule.transpose else array)
+        block = np.stack(pieces) if stacked else pieces[0]
+        return block.astype(dtype or block.dtype)
+
+    return jax.make_array_from_callback(shape, sharding, shard)
 
 
 def _count_nonfinite(array: np.ndarray, chunk: int = 1 << 20) -> int:
