@@ -73,6 +73,11 @@ class RoFormerConfig:
     summary_use_proj: bool
     summary_proj_to_labels: bool
     summary_activation: str | None
+    # dropout rates (HF's training mode, `forward(..., train=True)`; inference ignores them)
+    hidden_dropout_prob: float = 0.1  # embeddings.dropout, both residual branches' dropout, the heads' dropout
+    attention_probs_dropout_prob: float = 0.1  # encoder.layer.{i}.attention.self.dropout, on the probabilities
+    summary_first_dropout: float = 0.0  # sequence_summary.first_dropout (multiple choice; HF: absent = none)
+    summary_last_dropout: float = 0.0  # sequence_summary.last_dropout
 
     @property
     def head_dim(self) -> int:
@@ -88,11 +93,7 @@ class RoFormerConfig:
 
 ROFORMER_IGNORED = {
     "model_type": "checked to be 'roformer'",
-    "hidden_dropout_prob": "dropout: inference is deterministic",
-    "attention_probs_dropout_prob": "dropout: inference is deterministic",
-    "classifier_dropout": "dropout: inference is deterministic (RoFormer's heads do not read it)",
-    "summary_first_dropout": "dropout: inference is deterministic",
-    "summary_last_dropout": "dropout: inference is deterministic",
+    "classifier_dropout": "RoFormer's heads do not read it (their dropout rate is hidden_dropout_prob)",
     "add_cross_attention": "must be false: checked below",
 }
 
@@ -146,6 +147,11 @@ def parse_roformer_config(raw: Mapping[str, Any], architecture: str | None = Non
         summary_use_proj=f.bool("summary_use_proj", False),
         summary_proj_to_labels=f.bool("summary_proj_to_labels", False),
         summary_activation=summary_activation,
+        hidden_dropout_prob=f.probability("hidden_dropout_prob", 0.1),
+        attention_probs_dropout_prob=f.probability("attention_probs_dropout_prob", 0.1),
+        # RoFormerSequenceSummary: nn.Dropout only when the attribute exists and is > 0
+        summary_first_dropout=f.probability("summary_first_dropout", 0.0),
+        summary_last_dropout=f.probability("summary_last_dropout", 0.0),
         **common,
     )
     f.used.add("pad_token_id")

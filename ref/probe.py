@@ -17,8 +17,9 @@ function `fn(value) -> value` or an array put in the value's place (for "{i}" na
 array [L, ...] gives each layer its slice). Dropout masks, when given, are keyed the same
 way and hold the keep-mask (1 keep, 0 drop) as HF's `nn.Dropout` draws it; without masks
 they are drawn from `key`, folded with the site's name and the layer index. With
-`taps=True` a training call also records each keep-mask it used under its site's name,
-so one call's masks can be replayed exactly (in refjax, or injected into HF's modules).
+`taps=True` a training call also records each keep-mask it used under its site's name
+(under "<site>.keep" when a tap has that name too: GPT-2's "drop" is both), so one call's
+masks can be replayed exactly (in refjax, or injected into HF's modules).
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class Probe:
         for replacement, layer in self._matches(self.patch, name):
             value = self._patched(value, replacement, layer)
         if self.taps:
+            if name in self.recorded:  # a dropout site of the same name (GPT-2's "drop") recorded its mask
+                self.recorded[f"{name}.keep"] = self.recorded.pop(name)
             self.recorded[name] = value
         return value
 
@@ -118,26 +121,32 @@ class Probe:
 
     # -- dropout ----------------------------------------------------------------------------
 
-    def dropout(self, site: str, x: jax.Array, rate: float) -> jax.Array:
+    def dropout(self, site: str, x: jax.Array, rate: float, shape: Sequence[int] | None = None) -> jax.Array:
         """HF's `nn.Dropout(rate)` at `site`: in training, keep each entry with probability
-        1 - rate and scale the kept ones by 1 / (1 - rate); identity otherwise (free)."""
+        1 - rate and scale the kept ones by 1 / (1 - rate); identity otherwise (free).
+        `shape`: the keep-mask's shape when it broadcasts over x (same rank, 1 where one
+        draw covers the axis: MEGA's feature dropout drops whole channels, [B, 1, D])."""
         if not self.train or rate == 0.0:
             return x
+        shape = x.shape if shape is None else tuple(shape)
         given = self._matches(self.masks, site)
-        if given:
-            keep = self._mask_value(given, x.shape)
-        else:
+        if any(layer in (None, LAYER) for _, layer in given):  # a mask for this site in every layer
+            keep = self._mask_value(given, shape)
+        else:  # drawn, but where a mask names this layer ("h.3.mlp.dropout")
+            if self.key is None:
+                raise ValueError(f"dropout masks name only some layers of {self.prefix}.{LAYER}.{site}: the others "
+                                 f"need a key (key=...) or a mask for every layer ({self.prefix}.{LAYER}.{site})")
             key = jax.random.fold_in(self.key, _site_id(f"{self.prefix}.{site}" if self.prefix else site))
             if self.index is not None:
                 key = jax.random.fold_in(key, self.index)
-            keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+            keep = self._mask_value(given, shape, jax.random.bernoulli(key, 1.0 - rate, shape))
         if self.taps:  # with taps=True the keep-mask is recorded under the site's name
             self.recorded[site] = keep
         scale = jnp.asarray(1.0 / (1.0 - rate), x.dtype)
         return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
-    def _mask_value(self, given, shape):
-        keep = None
+    def _mask_value(self, given, shape, keep=None):
+        """The keep-mask from the masks given (layer-specific ones override `keep` in their layer)."""
         for value, layer in given:
             m = jnp.asarray(value)
             if layer == LAYER and m.ndim == len(shape) + 1:
@@ -181,7 +190,13 @@ def stacked(name: str) -> str:
 def masks_from_taps(taps: Mapping[str, jax.Array], sites: Sequence[str]) -> dict[str, jax.Array]:
     """The keep-masks a training call recorded (taps=True), keyed as `dropout_masks=` takes
     them ("h.{i}.mlp.dropout": [L, ...]): replaying them reproduces that call exactly."""
-    return {site: taps[stacked(site)] for site in sites if stacked(site) in taps}
+    found = {}
+    for site in sites:
+        for key in (f"{stacked(site)}.keep", stacked(site)):  # ".keep": the site is also a tap's name
+            if key in taps and taps[key].dtype == bool:
+                found[site] = taps[key]
+                break
+    return found
 
 
 PatchFn = Callable[[jax.Array], jax.Array]

@@ -28,27 +28,28 @@ from refjax import heads, layers, nn, shell
 from refjax.attention import FUTURE_FINFO_MIN, Mask
 from refjax.cache import KVCache, LayerKV
 from refjax.layers import LayerOut
+from refjax.probe import OFF, Probe
 from refjax.params.common import Linear
 from refjax.params.roformer import (RoFormerBody, RoFormerConfig, RoFormerEmbeddings, RoFormerLayer, RoFormerParams,
                                     RoFormerSelfAttention)
 from refjax.shell import Body, Head, Tokens
 
 
-def embed(p: RoFormerEmbeddings, project: Linear | None, config: RoFormerConfig, tokens: Tokens):
-    """HF `RoFormerEmbeddings` (+ `embeddings_project`): LN(word + token_type) [B, T, E],
-    projected to [B, T, D] when embedding_size != hidden_size. No position embedding.
-    -> ([B, T, D], taps)"""
+def embed(p: RoFormerEmbeddings, project: Linear | None, config: RoFormerConfig, tokens: Tokens,
+          probe: Probe = OFF) -> Float[Array, "B T D"]:
+    """HF `RoFormerEmbeddings` (+ `embeddings_project`): dropout(LN(word + token_type)) [B, T, E],
+    projected to [B, T, D] when embedding_size != hidden_size. No position embedding."""
     words = nn.embed(p.word_embeddings, tokens.input_ids) if tokens.inputs_embeds is None else tokens.inputs_embeds
+    words = probe("embeddings.word_embeddings", words)
     type_ids = tokens.token_type_ids
     if type_ids is None:  # HF: zeros
         type_ids = jnp.zeros(words.shape[:2], jnp.int32)
-    types = nn.embed(p.token_type_embeddings, type_ids)
-    x = nn.layer_norm(p.LayerNorm, words + types, config.layer_norm_eps)
-    taps = {"embeddings.word_embeddings": words, "embeddings.token_type_embeddings": types, "embeddings.LayerNorm": x}
+    types = probe("embeddings.token_type_embeddings", nn.embed(p.token_type_embeddings, type_ids))
+    x = probe("embeddings.LayerNorm", nn.layer_norm(p.LayerNorm, words + types, config.layer_norm_eps))
+    x = probe.dropout("embeddings.dropout", x, config.hidden_dropout_prob)
     if project is not None:
         x = nn.linear(project, x)
-    taps["embeddings_project"] = x  # = embeddings.LayerNorm when there is no projection
-    return x, taps
+    return probe("embeddings_project", x)  # the encoder's input (the dropped LayerNorm without a projection)
 
 
 # ---------------------------------------------------------------------------------------
@@ -82,14 +83,17 @@ def apply_rotary(x: Float[Array, "B T N H"], sin: Float[Array, "T H"], cos: Floa
 
 
 def attention(p: RoFormerSelfAttention, config: RoFormerConfig, x: Float[Array, "B T D"], sin: Float[Array, "T H"],
-              cos: Float[Array, "T H"], mask: Mask, kv: LayerKV | None = None, fast: bool = False) -> LayerOut:
-    """HF `RoFormerSelfAttention`: rotary q/k (and v with rotary_value), softmax(q k^T /
-    sqrt(H) + mask) v -> context [B, T, D]. Rotated k and v are what the cache holds (as HF's)."""
+              cos: Float[Array, "T H"], mask: Mask, probe: Probe = OFF, kv: LayerKV | None = None,
+              fast: bool = False) -> LayerOut:
+    """HF `RoFormerSelfAttention`: rotary q/k (and v with rotary_value), dropout(softmax(q k^T /
+    sqrt(H) + mask)) v -> context [B, T, D]. Rotated k and v are what the cache holds (as HF's)."""
     B, T, D = x.shape
     N, H = config.num_attention_heads, config.head_dim
-    q, k, v = (nn.linear(w, x).reshape(B, T, N, H) for w in (p.query, p.key, p.value))  # [B, T, N, H]
-    q_rot, k_rot = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
-    v_rot = apply_rotary(v, sin, cos) if config.rotary_value else v
+    q, k, v = (probe(f"attention.self.{name}", nn.linear(w, x)).reshape(B, T, N, H)  # [B, T, N, H]
+               for name, w in (("query", p.query), ("key", p.key), ("value", p.value)))
+    q_rot = probe("attention.self.q_rot", apply_rotary(q, sin, cos))
+    k_rot = probe("attention.self.k_rot", apply_rotary(k, sin, cos))
+    v_rot = probe("attention.self.v_rot", apply_rotary(v, sin, cos) if config.rotary_value else v)
     keys, values = k_rot, v_rot
     if kv is not None:
         kv = cache_lib.write_layer(kv, k_rot, v_rot, mask.start)
@@ -99,50 +103,56 @@ def attention(p: RoFormerSelfAttention, config: RoFormerConfig, x: Float[Array, 
     scale = 1.0 / math.sqrt(H)
     if fast:  # jax.nn.dot_product_attention; no probabilities (ref/attention.py)
         causal = jnp.ones((T, keys.shape[1]), bool) if mask.causal is None else mask.causal
-        context, probs, scores = attn_lib.fast_attention(q_rot, keys, values, mask.key_valid, causal, scale,
-                                                         mask.filled), None, None
+        context, probs = attn_lib.fast_attention(q_rot, keys, values, mask.key_valid, causal, scale,
+                                                 mask.filled), None
     else:
-        context, probs, scores = attn_lib.softmax_attention(q_rot, keys, values, mask.key_valid, mask.causal, scale,
-                                                            future_fill=FUTURE_FINFO_MIN, filled=mask.filled)
-    taps = {"attention.self.query": q.reshape(B, T, D), "attention.self.key": k.reshape(B, T, D),
-            "attention.self.value": v.reshape(B, T, D), "attention.self.q_rot": q_rot,
-            "attention.self.k_rot": k_rot, "attention.self.v_rot": v_rot, "attention.self.scores": scores,
-            "attention.self.probs": probs, "attention.self.context": context}
-    return LayerOut(context.reshape(B, T, D), probs, kv, taps)
+        context, probs, _ = attn_lib.softmax_attention(
+            q_rot, keys, values, mask.key_valid, mask.causal, scale, future_fill=FUTURE_FINFO_MIN, filled=mask.filled,
+            scores_hook=lambda s: probe("attention.self.scores", s),
+            probs_hook=lambda w: probe("attention.self.probs", probe.dropout(
+                "attention.self.dropout", w, config.attention_probs_dropout_prob)))
+    context = probe("attention.self.context", context)
+    return LayerOut(context.reshape(B, T, D), probs, kv)
 
 
 def layer(p: RoFormerLayer, config: RoFormerConfig, x: Float[Array, "B T D"], sin: Float[Array, "T H"],
-          cos: Float[Array, "T H"], mask: Mask, kv: LayerKV | None = None, fast: bool = False) -> LayerOut:
-    """HF `RoFormerLayer` (post-LN); p holds ONE layer's params (the scan slices the stack)."""
-    eps = config.layer_norm_eps
-    a = attention(p.attention.self_attention, config, x, sin, cos, mask, kv, fast)
-    attn_dense = nn.linear(p.attention.output.dense, a.x)
-    attn_out = nn.layer_norm(p.attention.output.LayerNorm, attn_dense + x, eps)  # HF RoFormerSelfOutput
-    inter = nn.linear(p.intermediate.dense, attn_out)  # [B, T, F]
-    act = nn.ACT2FN[config.hidden_act](inter)
-    out_dense = nn.linear(p.output.dense, act)
-    out = nn.layer_norm(p.output.LayerNorm, out_dense + attn_out, eps)  # HF RoFormerOutput
-    taps = {**a.taps, "attention.output.dense": attn_dense, "attention.output.LayerNorm": attn_out,
-            "intermediate.dense": inter, "intermediate.intermediate_act_fn": act, "output.dense": out_dense, "": out}
-    return LayerOut(out, a.probs, a.kv, taps)
+          cos: Float[Array, "T H"], mask: Mask, probe: Probe = OFF, kv: LayerKV | None = None,
+          fast: bool = False) -> LayerOut:
+    """HF `RoFormerLayer` (post-LN); p holds ONE layer's params (the scan slices the stack), and
+    `probe` is this layer's (`probe.layer`): "" names the layer's own output (HF `encoder.layer.{i}`).
+    Each branch's dropout acts between its dense and the residual sum, as HF's."""
+    eps, rate = config.layer_norm_eps, config.hidden_dropout_prob
+    a = attention(p.attention.self_attention, config, x, sin, cos, mask, probe, kv, fast)
+    attn_dense = probe("attention.output.dense", nn.linear(p.attention.output.dense, a.x))
+    attn_dense = probe.dropout("attention.output.dropout", attn_dense, rate)
+    attn_out = probe("attention.output.LayerNorm",  # HF RoFormerSelfOutput
+                     nn.layer_norm(p.attention.output.LayerNorm, attn_dense + x, eps))
+    inter = probe("intermediate.dense", nn.linear(p.intermediate.dense, attn_out))  # [B, T, F]
+    act = probe("intermediate.intermediate_act_fn", nn.ACT2FN[config.hidden_act](inter))
+    out_dense = probe("output.dense", nn.linear(p.output.dense, act))
+    out_dense = probe.dropout("output.dropout", out_dense, rate)
+    out = probe("", nn.layer_norm(p.output.LayerNorm, out_dense + attn_out, eps))  # HF RoFormerOutput
+    return LayerOut(out, a.probs, a.kv, probe.recorded)
 
 
 def model(p: RoFormerBody, config: RoFormerConfig, tokens: Tokens, cache: KVCache | None = None, *,
-          taps: bool = False, fast: bool = False, remat: bool = False) -> Body:
+          probe: Probe = OFF, fast: bool = False, remat: bool = False) -> Body:
     """HF `RoFormerModel`. Positions are 0..T-1 (cache.length.. with a cache) for every row,
     as HF's `embed_positions(shape, past_key_values_length)`. With a cache, attention_mask
-    covers only the new tokens. No final norm: the last layer's output is last_hidden_state."""
+    covers only the new tokens. No final norm: the last layer's output is last_hidden_state.
+    `probe` (ref/probe.py): taps, patches and dropout of this call (default: none of them)."""
     B, T = tokens.shape
     mask = attn_lib.mask_for(tokens.attention_mask, B, T, cache, causal=config.is_decoder)
-    x, embed_taps = embed(p.embeddings, p.embeddings_project, config, tokens)  # [B, T, D]
+    x = embed(p.embeddings, p.embeddings_project, config, tokens, probe)  # [B, T, D]
     sin, cos = sinusoidal_positions(p.encoder.embed_positions.table.astype(x.dtype), mask.slots)  # [T, H]
-    stack = layers.run_stack(lambda lp, i, x, kv: layer(lp, config, x, sin, cos, mask, kv, fast), x,
-                             p.encoder.layer, None if cache is None else cache.layers, remat=remat, taps=taps)
+    sin, cos = probe("encoder.embed_positions.sin", sin), probe("encoder.embed_positions.cos", cos)
+    stack = layers.run_stack(
+        lambda lp, i, x, kv: layer(lp, config, x, sin, cos, mask, probe.layer("encoder.layer", i), kv, fast),
+        x, p.encoder.layer, None if cache is None else cache.layers, remat=remat, taps=probe.taps)
     return Body(last_hidden_state=stack.x, hidden_states=layers.hidden_states(stack, stack.x),
                 attentions=stack.attentions,
                 cache=None if cache is None else cache_lib.updated(cache, stack.kv, mask.key_valid, T),
-                taps={**embed_taps, "encoder.embed_positions.sin": sin, "encoder.embed_positions.cos": cos,
-                      **layers.prefixed_taps("encoder.layer", stack.taps)} if taps else None)
+                taps={**probe.recorded, **layers.prefixed_taps("encoder.layer", stack.taps)} if probe.taps else None)
 
 
 # Every tap `forward(..., taps=True)` returns, in dataflow order ({i} = layer index). The
@@ -161,13 +171,30 @@ TAPS = ("embeddings.word_embeddings", "embeddings.token_type_embeddings", "embed
         "encoder.layer.{i}")
 
 
+# HF's nn.Dropout modules (HF module paths: the base model's, then the heads'), the sites of
+# `forward(..., train=True)`, with the config rate each one uses. RoFormer's heads read
+# hidden_dropout_prob (never classifier_dropout). RoFormerClassificationHead calls its one
+# `dropout` module twice, a fresh mask each time: "{i}" there counts the calls (0: on the
+# first token's state, 1: after the activation), as it counts layers elsewhere.
+DROPOUT = {
+    "embeddings.dropout": lambda c: c.hidden_dropout_prob,
+    "encoder.layer.{i}.attention.self.dropout": lambda c: c.attention_probs_dropout_prob,
+    "encoder.layer.{i}.attention.output.dropout": lambda c: c.hidden_dropout_prob,
+    "encoder.layer.{i}.output.dropout": lambda c: c.hidden_dropout_prob,
+    "classifier.dropout.{i}": lambda c: c.hidden_dropout_prob,  # RoFormerForSequenceClassification
+    "sequence_summary.first_dropout": lambda c: c.summary_first_dropout,  # RoFormerForMultipleChoice
+    "sequence_summary.last_dropout": lambda c: c.summary_last_dropout,
+    "dropout": lambda c: c.hidden_dropout_prob,  # RoFormerForTokenClassification
+}
+
+
 # ---------------------------------------------------------------------------------------
 # HF classes: RoFormerFor{MaskedLM,CausalLM,SequenceClassification,MultipleChoice,
 # TokenClassification,QuestionAnswering} (the shared ones live in ref/heads.py)
 # ---------------------------------------------------------------------------------------
 
 
-def lm_head(params: RoFormerParams, config: RoFormerConfig, hidden, batch) -> dict:
+def lm_head(params: RoFormerParams, config: RoFormerConfig, hidden, batch, probe: Probe = OFF) -> dict:
     """HF `RoFormerOnlyMLMHead`: LN(act(dense(h))) [.., E], then the decoder (tied: the word
     embeddings [V, E]) plus its bias [V]. -> logits [..., T, V]"""
     p = params.predictions
@@ -176,26 +203,36 @@ def lm_head(params: RoFormerParams, config: RoFormerConfig, hidden, batch) -> di
     return {"logits": heads.lm_logits(p.decoder, params.roformer.embeddings.word_embeddings.table, h) + p.bias}
 
 
-def sequence_classification(params: RoFormerParams, config: RoFormerConfig, hidden, batch) -> dict:
-    """HF `RoFormerClassificationHead`: out_proj(act(dense(h[:, 0]))), the first token. [B, num_labels]"""
+def sequence_classification(params: RoFormerParams, config: RoFormerConfig, hidden, batch,
+                            probe: Probe = OFF) -> dict:
+    """HF `RoFormerClassificationHead`: out_proj(drop(act(dense(drop(h[:, 0]))))), the first
+    token; both drops are the head's one `dropout` module, called twice. [B, num_labels]"""
     p = params.classifier
-    x = nn.ACT2FN[config.hidden_act](nn.linear(p.dense, shell.first_token(hidden)))
+    calls = [probe.layer("classifier.dropout", call) for call in (0, 1)]  # "classifier.dropout.{i}"
+    x = calls[0].dropout("", shell.first_token(hidden), config.hidden_dropout_prob)
+    x = nn.ACT2FN[config.hidden_act](nn.linear(p.dense, x))
+    x = calls[1].dropout("", x, config.hidden_dropout_prob)
+    if probe.taps and all("" in call.recorded for call in calls):  # the keep-masks, stacked by call [2, B, D]
+        probe.recorded["classifier.dropout"] = jnp.stack([call.recorded[""] for call in calls])
     return {"logits": nn.linear(p.out_proj, x)}
 
 
-def multiple_choice(params: RoFormerParams, config: RoFormerConfig, hidden, batch) -> dict:
+def multiple_choice(params: RoFormerParams, config: RoFormerConfig, hidden, batch, probe: Probe = OFF) -> dict:
     """HF `RoFormerSequenceSummary` over the flattened choices [B*C, T, D] (default "last": the
     last token, padded or not), then Linear(D, 1), viewed as logits [B, C]."""
-    pooled = heads.sequence_summary(params.sequence_summary, hidden, None, config.summary_type,
-                                    config.summary_activation)
+    pooled = heads.sequence_summary(
+        params.sequence_summary, hidden, None, config.summary_type, config.summary_activation,
+        first_dropout=lambda x: probe.dropout("sequence_summary.first_dropout", x, config.summary_first_dropout),
+        last_dropout=lambda x: probe.dropout("sequence_summary.last_dropout", x, config.summary_last_dropout))
     return {"logits": shell.choice_logits(nn.linear(params.classifier, pooled), batch)}
 
 
-def token_classification(params: RoFormerParams, config: RoFormerConfig, hidden, batch) -> dict:
+def token_classification(params: RoFormerParams, config: RoFormerConfig, hidden, batch, probe: Probe = OFF) -> dict:
+    hidden = probe.dropout("dropout", hidden, config.hidden_dropout_prob)
     return {"logits": nn.linear(params.classifier, hidden)}  # [B, T, num_labels]
 
 
-def question_answering(params: RoFormerParams, config: RoFormerConfig, hidden, batch) -> dict:
+def question_answering(params: RoFormerParams, config: RoFormerConfig, hidden, batch, probe: Probe = OFF) -> dict:
     return heads.span_logits(params.qa_outputs, hidden)  # start_logits, end_logits [B, T]
 
 
@@ -227,21 +264,27 @@ CLASSES = shell.Classes(
 
 def forward(params: RoFormerParams, config: RoFormerConfig, input_ids=None, attention_mask=None, *,
             cache: KVCache | None = None, output_hidden_states: bool = False, output_attentions: bool = False,
-            taps: bool = False, fast: bool = False, remat: bool = False, **inputs) -> heads.Output:
+            taps: bool = False, patch=None, train: bool = False, key=None, dropout_masks=None, fast: bool = False,
+            remat: bool = False, **inputs) -> heads.Output:
     """Any HF RoFormer class, chosen by `config.architecture`; returns HF's output fields.
 
     inputs: HF's names, `token_type_ids`, `inputs_embeds`, `labels`, `start_positions`,
     `end_positions` (lists, numpy or jax). RoFormerForMultipleChoice takes input_ids
     [B, C, T] (inputs_embeds [B, C, T, E]) and labels [B]; its logits are [B, C] and hidden
     states [L + 1, B*C, T, D] (HF flattens). A cache needs `config.is_decoder` (HF caches
-    only then). `fast=True` uses `jax.nn.dot_product_attention` (no attentions or attention
-    taps); `remat=True` recomputes each layer in the backward pass.
+    only then). `taps=True`: every named intermediate (TAPS); `patch={name: fn or array}`
+    replaces one (ref/probe.py); `train=True` with `key` (or `dropout_masks` keyed by DROPOUT
+    sites): HF's training-mode dropout. `fast=True` uses `jax.nn.dot_product_attention` (no
+    attentions, taps, patches or dropout); `remat=True` recomputes each layer in the backward pass.
     """
     batch = shell.prepare(CLASSES, config, dict(input_ids=input_ids, attention_mask=attention_mask, **inputs),
-                          cache=cache, fast=fast, taps=taps, output_attentions=output_attentions)
-    body = model(params.roformer, config, batch.tokens, cache, taps=taps, fast=fast, remat=remat)
+                          cache=cache, fast=fast, taps=taps, output_attentions=output_attentions, patch=patch,
+                          train=train)
+    probe = Probe.for_call("roformer", TAPS + tuple(DROPOUT), config.num_hidden_layers, taps=taps, patch=patch,
+                           train=train, key=key, masks=dropout_masks)
+    body = model(params.roformer, config, batch.tokens, cache, probe=probe, fast=fast, remat=remat)
     return shell.finish(CLASSES, params, config, batch, body, output_hidden_states=output_hidden_states,
-                        output_attentions=output_attentions)
+                        output_attentions=output_attentions, probe=probe)
 
 
 def unstack_layers(params: RoFormerParams) -> RoFormerParams:

@@ -194,7 +194,7 @@ def test_jit_equals_eager_and_scan_equals_layer_loop(raw, seed):
     # the scan over stacked layers equals applying roformer.layer one layer at a time
     flat_ids, flat_mask, flat_types = (np.reshape(a, (-1, a.shape[-1])) for a in (ids, mask, types))
     tokens = Tokens(input_ids=jnp.asarray(flat_ids), token_type_ids=jnp.asarray(flat_types))
-    x, _ = roformer.embed(params.roformer.embeddings, params.roformer.embeddings_project, config, tokens)
+    x = roformer.embed(params.roformer.embeddings, params.roformer.embeddings_project, config, tokens)
     B, T = flat_ids.shape
     mask_ = mask_for(jnp.asarray(flat_mask), B, T, causal=config.is_decoder)
     sin, cos = roformer.sinusoidal_positions(params.roformer.encoder.embed_positions.table,
