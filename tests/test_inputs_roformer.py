@@ -185,7 +185,10 @@ def test_forward_taps_have_documented_names_and_repeat_the_outputs(capsys, tmp_p
             full = name.replace("{i}", str(i))
             assert list(t[full].shape) == list(eval(shape, {}, d)), full  # noqa: S307 - our doc table
     order = json.loads(meta["order"])
-    assert [n for n in order if not n.startswith(("hidden_states", "attentions")) and n not in cli.OUTPUT_FIELDS] == [
+    assert [n for n in order if n in cli.INPUT_KEYS] == [k for k in ("input_ids", "attention_mask", "token_type_ids")
+                                                        if k in golden]  # the dump carries its inputs first
+    assert [n for n in order if not n.startswith(("hidden_states", "attentions")) and n not in cli.OUTPUT_FIELDS
+            and n not in cli.INPUT_KEYS] == [
         n for n, _ in rows if "{i}" not in n] + [n.replace("{i}", str(i)) for i in range(L) for n, _ in rows
                                                   if "{i}" in n]
     np.testing.assert_array_equal(t["embeddings_project"], t["hidden_states.0"])
