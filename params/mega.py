@@ -57,7 +57,7 @@ class MegaConfig:
     norm_affine: bool
     activation: str
     attention_activation: str
-    use_feature_dropout: bool  # dropout only: identity at inference
+    use_feature_dropout: bool  # training mode only: drop whole feature channels (HF's dropout2d) instead of entries
     use_normalized_ffn: bool
     nffn_hidden_size: int
     normalize_before_ffn: bool
@@ -73,6 +73,12 @@ class MegaConfig:
     pad_token_id: int | None
     num_labels: int
     problem_type: str | None
+    # dropout rates (HF's training mode, `forward(..., train=True)`; inference ignores them)
+    dropout_prob: float = 0.1  # mega_layer.dropout (EMA output, attention output) and nffn.dropout (fc2 output)
+    hidden_dropout_prob: float = 0.1  # mega_layer.hidden_dropout (values); the heads' fallback rate
+    attention_probs_dropout_prob: float = 0.1  # mega_layer.attention_dropout (attention weights; never featurewise)
+    nffn_activation_dropout_prob: float = 0.1  # nffn.hidden_dropout (after fc1's activation)
+    classifier_dropout: float | None = None  # the classification heads' dropout (None: hidden_dropout_prob, as HF)
 
     @property
     def ema_kernels(self) -> int:
@@ -88,11 +94,6 @@ class MegaConfig:
 
 MEGA_IGNORED = {
     "model_type": "checked to be 'mega'",
-    "dropout_prob": "dropout: inference is deterministic",
-    "hidden_dropout_prob": "dropout: inference is deterministic",
-    "attention_probs_dropout_prob": "dropout: inference is deterministic",
-    "nffn_activation_dropout_prob": "dropout: inference is deterministic",
-    "classifier_dropout": "dropout: inference is deterministic",
     "ema_delta_alpha_range": "initialisation range only",
     "ema_beta_range": "initialisation range only",
     "ema_gamma_omega_range": "initialisation range only",
@@ -151,6 +152,11 @@ def parse_mega_config(raw: Mapping[str, Any], architecture: str | None = None) -
         bos_token_id=f.token_id("bos_token_id") if "bos_token_id" in raw else 0,
         eos_token_id=f.token_id("eos_token_id", allow_list=True) if "eos_token_id" in raw else 2,
         pad_token_id=f.token_id("pad_token_id") if "pad_token_id" in raw else 1,
+        dropout_prob=f.probability("dropout_prob", 0.1),
+        hidden_dropout_prob=f.probability("hidden_dropout_prob", 0.1),
+        attention_probs_dropout_prob=f.probability("attention_probs_dropout_prob", 0.1),
+        nffn_activation_dropout_prob=f.probability("nffn_activation_dropout_prob", 0.1),
+        classifier_dropout=f.probability("classifier_dropout", None, optional=True),
         **_common(f),
     )
     f.check_all_used(MEGA_IGNORED)

@@ -108,3 +108,54 @@ def ema_recurrence(p: MegaEma, u: jax.Array, state: jax.Array) -> tuple[jax.Arra
         return s, y[..., 0]
     state, ys = jax.lax.scan(step, state, jnp.moveaxis(u, -1, 0))
     return jnp.moveaxis(ys, 0, -1), state
+
+
+def inject_hf_masks(model, masks: dict, rates: dict, base_prefix: str) -> int:
+    """HF MEGA's dropout calls served from refjax's keep-masks (tests/test_reference_train.py).
+
+    HF's layers call `MegaDropout` modules (F.dropout, or F.dropout2d featurewise), not
+    nn.Dropout, and call `mega_layer.dropout` (and the classification head's `dropout`)
+    twice: a site "<module>.0" / "<module>.1" is that module's first / second call. Each
+    named module's forward is replaced by one that applies its masks in call order, scaled
+    1 / (1 - p); refjax's masks are batch-first, so a sequence-first [T, B, ...] call gets
+    the mask transposed (featurewise [B, 1, D] -> [1, B, D], HF's dropout2d mask [B, D, 1]
+    in HF's layout). Returns how many modules were replaced."""
+    import torch
+    from transformers.models.deprecated.mega.modeling_mega import MegaDropout
+
+    from refjax.probe import LAYER
+
+    calls: dict[str, dict[int, tuple]] = {}  # HF module path -> {call index: (keep, rate)}
+    for site, keep in masks.items():
+        keep = np.asarray(keep)
+        path, _, call = site.rpartition(".")
+        if not call.isdigit():
+            path, call = site, "0"
+        for i in range(keep.shape[0]) if LAYER in site else [None]:
+            name = path if i is None else path.replace(LAYER, str(i))
+            calls.setdefault(name, {})[int(call)] = (keep if i is None else keep[i], rates[site])
+    for name, by_call in calls.items():
+        paths = [p for p in (base_prefix + name, name) if _has_submodule(model, p)]
+        assert paths, f"no HF module for site {name}"
+        module = model.get_submodule(paths[0])
+        assert isinstance(module, (MegaDropout, torch.nn.Dropout)), paths[0]
+        queue = iter([by_call[k] for k in sorted(by_call)])
+        sequence_first = isinstance(module, MegaDropout)
+
+        def forward(x, batch_first=False, queue=queue, sequence_first=sequence_first, name=name):
+            keep, p = next(queue)  # StopIteration: HF called the module more often than refjax's sites say
+            keep = torch.from_numpy(np.array(keep, dtype=bool))
+            if sequence_first and not batch_first and x.dim() == 3:
+                keep = keep.transpose(0, 1)
+            return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+        module.forward = forward
+    return len(calls)
+
+
+def _has_submodule(model, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
