@@ -63,7 +63,7 @@ class GPT2Config:
     attn_pdrop: float = 0.1  # h.{i}.attn.attn_dropout, on the attention probabilities
     resid_pdrop: float = 0.1  # h.{i}.attn.resid_dropout and h.{i}.mlp.dropout, on each residual branch
     summary_first_dropout: float = 0.1  # multiple_choice_head.first_dropout (GPT2DoubleHeadsModel)
-    summary_last_dropout: float = 0.1  # multiple_choice_head.last_dropout
+    summary_last_dropout: float = 0.0  # multiple_choice_head.last_dropout (HF: Identity unless the key is set)
     classifier_dropout: float | None = None  # GPT2ForTokenClassification's dropout (None: 0.1, as HF)
 
     @property
@@ -154,7 +154,7 @@ def parse_gpt2_config(raw: Mapping[str, Any], architecture: str | None = None) -
         attn_pdrop=f.probability("attn_pdrop", 0.1),
         resid_pdrop=f.probability("resid_pdrop", 0.1),
         summary_first_dropout=f.probability("summary_first_dropout", 0.1),
-        summary_last_dropout=f.probability("summary_last_dropout", 0.1),
+        summary_last_dropout=f.probability("summary_last_dropout", 0.0),  # GPT2Config has no such default
         classifier_dropout=f.probability("classifier_dropout", None, optional=True),
         **{**_common(f), **({"num_labels": 1} if architecture == "GPT2DoubleHeadsModel" else {})},
     )

@@ -9,9 +9,12 @@ in real HF format (config.json + model.safetensors, tokenizer files where the ca
 has them) under ``<out>/<family>/<case>/`` and records inputs and every output HF
 returns, in float32 and float64, in ``golden.safetensors`` next to it. Finally
 ``<out>/MANIFEST.json`` lists the generator's versions, the cases and the sha256 of
-every file.
+every file. Each ``golden.safetensors`` records the generator's git commit in its
+metadata (``generator_commit``, see ``generator_commit()``).
 
-The output is deterministic: running the script twice gives byte-identical files.
+The output is deterministic: running the script twice gives byte-identical files (at one
+commit; the reference tier regenerates a sample of cases and compares them with the stored
+ones: tests/test_reference_golden.py).
 It needs the pinned reference stack (torch 2.13.0, transformers 4.57.6).
 
 Adding a family: write a table of variants and a builder ``build(name, variant,
@@ -108,13 +111,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+@functools.lru_cache(maxsize=None)
+def generator_commit() -> str:
+    """The git commit of the generator (this script and tools/golden_*.py), with
+    "+dirty" when tools/ differs from it, or "unknown" outside a git checkout."""
+    import subprocess
+
+    tools = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tools, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--", ".")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    """Serialise with safetensors.numpy, then make the header canonical.
+    """Serialise with safetensors.numpy, then make the header canonical. The metadata gains
+    ``generator_commit`` (every golden file names the generator that wrote it).
 
     safetensors keeps ``__metadata__`` in a Rust HashMap, so with several metadata keys
     their order (and hence the file bytes) changes from run to run. We re-emit the
     header with the metadata keys sorted; tensor entries and data are untouched.
     """
+    metadata = {**metadata, "generator_commit": generator_commit()}
     raw = safetensors.numpy.save({k: np.array(v, order="C", copy=True) for k, v in tensors.items()},
                                  metadata=metadata)
     (n,) = struct.unpack("<Q", raw[:8])
@@ -618,9 +642,15 @@ ARCEE_FP64_PRECISION_NOTE = (
     "float64 outputs are only float32-accurate in places: ArceeRMSNorm normalises in float32 and eager attention "
     "runs softmax(dtype=float32) before casting back")
 ARCEE_FP64_NAN_NOTE = (
-    "float64 NaN: the eager mask adds finfo(float64).min, which softmax(dtype=float32) turns into -inf, so a "
-    "fully masked query row (a left-pad position) is NaN; its NaN keys then poison every query of that row in the "
-    "next layer, and the loss")
+    "float64 NaN, kept on purpose in this one case: the eager mask adds finfo(float64).min, which "
+    "softmax(dtype=float32) turns into -inf, so a fully masked query row (a left-pad position: causal, every key "
+    "it sees is padding) is NaN from layer 0 on; its NaN values then poison every query of that batch row in the "
+    "next layer (0 x NaN), and the loss. Measured with torch 2.13.0 / transformers 4.57.6: the layer-0 NaN "
+    "queries are exactly the fully masked ones; float32, or float64 with those rows right-padded, is finite. The "
+    "NaN entries are declared in metadata (declared_nonfinite) and skipped by refjax verify")
+ARCEE_FP64_INPUTS_NOTE = (
+    "float64 forward inputs (float64.*) are the shared ones with each left-padded row rotated to right padding: "
+    "HF's float64 Arcee returns NaN for a fully masked query row (see arcee/causal-lm), right padding has none")
 ARCEE_PAD_NOTE = (
     "forward position_ids default to arange(T) for every row (generate derives cumsum(mask)-1 instead); a fully "
     "masked query row (a left-pad position) attends uniformly to all T keys, future ones included, because every "
@@ -648,6 +678,9 @@ class ArceeVariant:
     tokenizer: bool = False          # Llama-3 style tokenizer.json + text.ids goldens
     checkpoint: str = "single"       # single | sharded (max_shard_size=20KB) | bf16
     max_new_tokens: int = 10         # greedy generation for ArceeForCausalLM (0: none)
+    # float64 forward inputs: "right-padded" (left-padded rows rotated: HF float64 finite) or
+    # "shared" (the float32 inputs: HF float64 gives NaN, declared in metadata; one case shows it)
+    float64_inputs: str = "right-padded"
 
     @property
     def generate(self) -> bool:
@@ -675,7 +708,10 @@ def _arcee_rope(description: str, rope_scaling: dict, max_position_embeddings: i
 
 ARCEE_VARIANTS: dict[str, ArceeVariant] = {
     "model": ArceeVariant("ArceeModel", "ArceeModel base: GQA 4/2 heads, head_dim 8, relu2 MLP, default RoPE"),
-    "causal-lm": _arcee_lm("ArceeForCausalLM with LM loss (labels with -100), untied lm_head, greedy generation"),
+    "causal-lm": dataclasses.replace(
+        _arcee_lm("ArceeForCausalLM with LM loss (labels with -100), untied lm_head, greedy generation; float64 on "
+                  "the left-padded inputs too, where HF's float64 returns NaN (declared_nonfinite)"),
+        float64_inputs="shared"),
     "causal-lm-tied": _arcee_lm("ArceeForCausalLM with tie_word_embeddings=True (no lm_head.weight stored)",
                                 tie_word_embeddings=True),
     "causal-lm-tokenizer": ArceeVariant(
@@ -756,6 +792,24 @@ def arcee_long_attention_mask() -> np.ndarray:
     mask = np.ones((ARCEE_LONG_BATCH, ARCEE_LONG_SEQ), dtype=np.int64)
     mask[1, :ARCEE_LONG_PAD] = 0
     return mask
+
+
+def right_padded(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inputs with each left-padded row rotated so that its padding is on the right:
+    every [B, T] input (ids, mask, token labels) of that row moves along; others are kept."""
+    mask = inputs["attention_mask"]
+    lead = np.argmax(mask == 1, axis=-1)  # leading pad positions per row
+    out = {}
+    for k, a in inputs.items():
+        if a.shape[:2] == mask.shape:
+            a = np.stack([np.roll(a[b], -int(lead[b]), axis=0) for b in range(mask.shape[0])])
+        out[k] = a
+    return out
+
+
+def fully_masked_rows(mask: np.ndarray) -> list[int]:
+    """Batch rows with a query that sees only padding under the causal mask (a leading pad)."""
+    return [b for b in range(mask.shape[0]) if mask[b, 0] == 0]
 
 
 def arcee_inputs(v: ArceeVariant, rng: np.random.Generator, cfg) -> dict[str, np.ndarray]:
@@ -925,6 +979,18 @@ def build_arcee(name: str, v: ArceeVariant, case_dir: Path) -> CaseInfo:
         meta_extra["texts"] = json.dumps(texts, ensure_ascii=False)
     record.update(inputs)
 
+    inputs_by_dtype = {"float32": inputs, "float64": inputs}
+    if v.float64_inputs == "right-padded":
+        inputs_by_dtype["float64"] = right_padded(inputs)
+        changed = {k: a for k, a in inputs_by_dtype["float64"].items() if not np.array_equal(a, inputs[k])}
+        if not changed:
+            raise RuntimeError(f"{name}: no left-padded row to move")
+        record.update({f"float64.{k}": a for k, a in changed.items()})
+        notes.append(ARCEE_FP64_INPUTS_NOTE + f" (here: {', '.join(sorted(changed))})")
+    elif v.float64_inputs != "shared":
+        raise ValueError(f"{name}: float64_inputs {v.float64_inputs!r}")
+    declared: dict[str, int] = {}
+
     recompute = v.rope_type in ("dynamic", "longrope")  # HF swaps inv_freq inside the forward
     long = v.inputs == "long"
     for dtype_name in DTYPES:
@@ -933,7 +999,7 @@ def build_arcee(name: str, v: ArceeVariant, case_dir: Path) -> CaseInfo:
         captured = []
         hook = rotary.register_forward_hook(lambda module, args, out: captured.append(out))
         try:
-            outputs = run_forward(model, inputs, dtype)
+            outputs = run_forward(model, inputs_by_dtype[dtype_name], dtype)
         finally:
             hook.remove()
         (cos, sin), = captured
@@ -946,11 +1012,17 @@ def build_arcee(name: str, v: ArceeVariant, case_dir: Path) -> CaseInfo:
         record.update({f"{dtype_name}/{k}": a for k, a in outputs.items()})
         nan_rows = sorted({int(r) for a in outputs.values() if a.ndim and np.isnan(a).any()
                            for r in np.argwhere(np.isnan(a).reshape(a.shape[0], -1).any(-1)).reshape(-1)})
-        nan_keys = [k for k, a in outputs.items() if np.isnan(a).any()]
-        if nan_keys:
-            if dtype_name != "float64":
-                raise RuntimeError(f"{name}: HF {dtype_name} outputs contain NaN: {nan_keys}")
-            notes.append(ARCEE_FP64_NAN_NOTE + f" (here: batch rows {nan_rows}; keys {', '.join(nan_keys)})")
+        nonfinite = {f"{dtype_name}/{k}": int((~np.isfinite(a)).sum()) for k, a in outputs.items()
+                     if a.dtype.kind == "f" and not np.all(np.isfinite(a))}
+        if nonfinite:
+            expected_rows = fully_masked_rows(inputs_by_dtype[dtype_name]["attention_mask"])
+            if dtype_name != "float64" or v.float64_inputs != "shared" or nan_rows != expected_rows:
+                raise RuntimeError(f"{name}: HF {dtype_name} outputs are not finite: {sorted(nonfinite)} "
+                                   f"(batch rows {nan_rows}; rows with a fully masked query: {expected_rows})")
+            declared.update(nonfinite)
+            notes.append(ARCEE_FP64_NAN_NOTE + f" (here: batch rows {nan_rows}; keys {', '.join(sorted(nonfinite))})")
+        elif dtype_name == "float64" and v.float64_inputs == "shared":
+            raise RuntimeError(f"{name}: meant to show HF's float64 NaN, but its outputs are finite")
         if dtype_name == "float32":
             if long:
                 shape = (ARCEE_LONG_BATCH, ARCEE_LONG_SEQ, cfg.head_dim)  # HF gives [1, T, D] for default positions
@@ -975,6 +1047,8 @@ def build_arcee(name: str, v: ArceeVariant, case_dir: Path) -> CaseInfo:
         "transformers": transformers.__version__, "torch": torch.__version__,
         "description": v.description, "notes": "; ".join(notes), **meta_extra,
     }
+    if declared:
+        metadata["declared_nonfinite"] = json.dumps(declared, sort_keys=True)
     atomic_write_bytes(case_dir / "golden.safetensors", safetensors_bytes(record, metadata))
     return CaseInfo("arcee", v.architecture, v.description)
 

@@ -12,8 +12,12 @@ Stated exceptions, each an HF behaviour rather than ours:
   - HF's Arcee computes RMSNorm, RoPE cos/sin and the softmax in float32 even in a float64
     model, so its float64 outputs are only float32-accurate: compared at 1e-5.
   - HF's Arcee in float64 turns a fully padded query row into NaN (its float32 softmax sees
-    the float64 mask value as -inf), and the NaN spreads along that row. Those entries
-    are skipped; refjax must be finite there. Nowhere else may HF's golden be non-finite.
+    the float64 mask value as -inf), and the NaN spreads along that row. The Arcee goldens
+    feed float64 right-padded rows instead (`float64.*` inputs), except arcee/causal-lm,
+    kept to show the NaN. Non-finite HF entries are skipped only where a case's metadata
+    declares them (`declared_nonfinite`: {key: count}, the count must match exactly);
+    refjax must be finite there. Every row counts its skipped entries; a field whose
+    entries were all skipped is reported SKIP, never ok.
   - HF's MEGA casts both operands of its EMA FFT convolution to float32 (`.float()`) and
     computes the rotary-bias sinusoids in float32, whatever the model dtype, so its float64
     outputs are only float32-accurate too: compared at 1e-5 (refjax does the same casts).
@@ -49,7 +53,6 @@ FLOAT64_IS_FLOAT32_ACCURATE = {
     "mega": "HF MEGA runs the EMA's FFT convolution (`.float()`) and builds the rotary sinusoids in fp32 "
             "in fp64 models",
 }
-NAN_IN_FLOAT64_GOLDEN = {"arcee"}
 
 
 def exact_note(config, field: str) -> str | None:
@@ -78,29 +81,48 @@ class Row:
     tol: float
     ok: bool
     note: str = ""
+    compared: int = 0  # entries compared
+    skipped: int = 0   # HF entries skipped as declared non-finite (metadata `declared_nonfinite`)
+
+    @property
+    def status(self) -> str:
+        """FAIL, SKIP (nothing compared: every entry declared non-finite) or ok."""
+        if not self.ok:
+            return "FAIL"
+        return "SKIP" if self.skipped and not self.compared else "ok"
 
 
 def compare(case: str, dtype: str, field: str, ours: Any, ref: np.ndarray, tol: float, note: str = "",
-            skip_nonfinite_ref: bool = False) -> Row:
+            declared_nonfinite: int = 0) -> Row:
+    """One tensor against HF's. `declared_nonfinite`: how many of HF's entries the case's
+    metadata declares non-finite; exactly that many must be, they are skipped (refjax must be
+    finite there) and counted. Undeclared non-finite HF entries fail the row. An empty tensor
+    (e.g. the ids of an empty text) is checked by its shape alone."""
     ours = np.asarray(ours)
     if ours.shape != ref.shape and ours.size == ref.size:
         ours = ours.reshape(ref.shape)  # HF returns some multiple-choice tensors flattened
     if ours.shape != ref.shape:
         return Row(case, dtype, field, float("inf"), float("inf"), tol, False,
                    f"shape {list(ours.shape)} vs HF {list(ref.shape)}")
-    if skip_nonfinite_ref and ref.dtype.kind == "f" and not np.all(np.isfinite(ref)):
-        finite = np.isfinite(ref)
+    finite = np.isfinite(ref) if ref.dtype.kind == "f" else np.ones(ref.shape, bool)
+    nonfinite = int((~finite).sum())
+    if nonfinite != declared_nonfinite:
+        return Row(case, dtype, field, float("inf"), float("inf"), tol, False,
+                   f"HF has {nonfinite} non-finite entries, the case's metadata declares {declared_nonfinite}")
+    if nonfinite:
         if not np.all(np.isfinite(ours)):
-            return Row(case, dtype, field, float("inf"), float("inf"), tol, False, "refjax output is not finite")
-        note = (note + "; " if note else "") + f"{int((~finite).sum())} HF NaN entries skipped"
+            return Row(case, dtype, field, float("inf"), float("inf"), tol, False, "refjax output is not finite",
+                       skipped=nonfinite)
+        note = (note + "; " if note else "") + f"{nonfinite} declared non-finite HF entries skipped"
         ours, ref = ours[finite], ref[finite]
-    if ref.size == 0:
-        return Row(case, dtype, field, 0.0, 0.0, tol, True, note)
+    if ref.size == 0:  # an empty tensor (shape checked), or every entry skipped: status SKIP, not ok
+        return Row(case, dtype, field, 0.0, 0.0, tol, True, note or "empty: shape checked", 0, nonfinite)
     diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
     max_abs = float(np.max(diff)) if np.all(np.isfinite(diff)) else float("inf")
     scale = float(np.max(np.abs(ref.astype(np.float64))))
     max_rel = max_abs / scale if scale > 0 else max_abs
-    return Row(case, dtype, field, max_abs, max_rel, tol, max_abs <= tol * max(scale, 1.0), note)
+    return Row(case, dtype, field, max_abs, max_rel, tol, max_abs <= tol * max(scale, 1.0), note, int(ref.size),
+               nonfinite)
 
 
 def golden_cases(golden_dir: str) -> list[str]:
@@ -116,19 +138,28 @@ def run_case(golden_dir: str, case: str) -> Iterator[Row]:
     """Compare every recorded HF output of one case; yields one Row per tensor."""
     case_dir = os.path.join(golden_dir, case)
     golden, metadata = io.read_safetensors(os.path.join(case_dir, "golden.safetensors"))
+    declared = json.loads(metadata.get("declared_nonfinite", "{}"))  # {"float64/loss": 1, ...}
+    if set(declared) - set(golden):
+        raise KeyError(f"{case}: declared_nonfinite names keys that are not recorded: {sorted(set(declared) - set(golden))}")
     dtypes = sorted({k.split("/")[0] for k in golden if "/" in k})
     for dtype in dtypes:
         ckpt = checkpoint_lib.load_checkpoint(case_dir, dtype=jnp.dtype(dtype))
         family = families.FAMILIES[ckpt.family]
-        inputs = {k: jnp.asarray(golden[k]) for k in INPUT_NAMES if k in golden}
+        # `{dtype}.{name}`: an input this dtype's forward was given instead of the shared one
+        # (Arcee float64: right-padded rows, where HF's float64 path gives no NaN)
+        inputs = {k: jnp.asarray(golden.get(f"{dtype}.{k}", golden.get(k))) for k in INPUT_NAMES if k in golden}
         if "inputs_embeds" in inputs:
             inputs["inputs_embeds"] = inputs["inputs_embeds"].astype(dtype)
         # a case may name the forward options it was made for (e.g. I-BERT's propagate_scales,
         # integer): each variant is compared against the same HF tensors, its options in the name
         for options in json.loads(metadata.get("forward_variants", "[{}]")):
+            forward = family.forward
+            if family.jit:
+                forward = jax.jit(forward, static_argnames=("config", "output_hidden_states", "output_attentions",
+                                                            *options))
             with jax.default_matmul_precision("highest"):
-                out = family.forward(ckpt.params, ckpt.config, **inputs, **options, output_hidden_states=True,
-                                     output_attentions=True)
+                out = forward(ckpt.params, ckpt.config, **inputs, **options, output_hidden_states=True,
+                              output_attentions=True)
             tag = "".join(f" [{k}={v}]" for k, v in options.items())
             for key in sorted(k for k in golden if k.startswith(dtype + "/")):
                 field = key.split("/", 1)[1]
@@ -143,8 +174,8 @@ def run_case(golden_dir: str, case: str) -> Iterator[Row]:
                     tol, note = TOLERANCE["float32"], FLOAT64_IS_FLOAT32_ACCURATE[ckpt.family]
                 elif name == "loss" and dtype == "float64" and golden[key].dtype == np.float32:
                     tol, note = TOLERANCE["float32"], "HF computes this loss in fp32"
-                skip_nan = dtype == "float64" and ckpt.family in NAN_IN_FLOAT64_GOLDEN
-                yield compare(case, dtype, field + tag, ours, np.asarray(golden[key]), tol, note, skip_nan)
+                yield compare(case, dtype, field + tag, ours, np.asarray(golden[key]), tol, note,
+                              declared.get(key, 0))
     if "calibrate.input_ids.0" in golden:
         yield from _check_calibration(case_dir, case, golden, json.loads(metadata.get("calibrate_kwargs", "{}")))
     if "rope.inv_freq" in golden:
@@ -185,19 +216,32 @@ def _check_calibration(case_dir: str, case: str, golden, options: dict) -> Itera
     import importlib
 
     ckpt = checkpoint_lib.load_checkpoint(case_dir, dtype=jnp.float32)
-    module = importlib.import_module(families.FAMILIES[ckpt.family].forward.__module__)
+    family = families.FAMILIES[ckpt.family]
+    calibrate = importlib.import_module(family.forward.__module__).calibrate
+    if family.jit:
+        calibrate = jax.jit(calibrate, static_argnames=("config", *options))
     params_module = checkpoint_lib.FAMILIES[ckpt.family].module
     state = params_module.initial_state(ckpt.config)
     k = 0
     while f"calibrate.input_ids.{k}" in golden:
         batch = {name: jnp.asarray(golden[f"calibrate.{name}.{k}"]) for name in INPUT_NAMES
                  if f"calibrate.{name}.{k}" in golden}
-        state = module.calibrate(ckpt.params, ckpt.config, state, **batch, **options)
+        state = calibrate(ckpt.params, ckpt.config, state, **batch, **options)
         k += 1
     ours = dict(io.tree_paths(state))
-    tol, note = module.calibration_tolerance(ckpt.config)
+    tol, note = calibration_tolerance(ckpt.config)
     for path, saved in io.tree_paths(ckpt.params.state):
         yield compare(case, "float32", f"calibrate.{path}", ours[path], np.asarray(saved), tol, note)
+
+
+def calibration_tolerance(config) -> tuple[float, str]:
+    """How closely a quantized model's `calibrate` reproduces HF's calibrated buffers:
+    exactly while GELU and LayerNorm are integer-only. A float GELU or LayerNorm (I-BERT's
+    force_dequant) feeds its float32 output's min/max into the next range, and torch's erf /
+    mean round differently from XLA's in the last bit: relative 1e-5 there."""
+    if config.quantized("gelu") and config.quantized("layernorm"):
+        return 0.0, "calibrated ranges, exact"
+    return 1e-5, "float GELU/LayerNorm (force_dequant) feed the ranges: torch's float32 rounding differs"
 
 
 def _check_rope(case_dir: str, case: str, golden) -> Iterator[Row]:
@@ -236,5 +280,15 @@ def format_table(rows: list[Row]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r.case:<28} {r.dtype:<8} {r.field:<22} {r.max_abs:>12.3e} {r.max_rel:>12.3e} "
-                     f"{r.tol:>8.0e}  {'ok' if r.ok else 'FAIL'}{'  (' + r.note + ')' if r.note else ''}")
+                     f"{r.tol:>8.0e}  {r.status}{'  (' + r.note + ')' if r.note else ''}")
     return "\n".join(lines)
+
+
+def case_summary(rows: list[Row]) -> str:
+    """One case's line for `refjax verify`: tensors, failures, and the HF entries skipped
+    (always printed; nonzero only where the case's metadata declares non-finite entries)."""
+    bad = sum(r.status == "FAIL" for r in rows)
+    empty = sum(r.status == "SKIP" for r in rows)
+    return (f"{len(rows)} tensors, {'ok' if not bad else f'{bad} FAILED'}, "
+            f"{sum(r.skipped for r in rows)} HF entries skipped (declared)"
+            + (f", {empty} field(s) with nothing compared (SKIP)" if empty else ""))
