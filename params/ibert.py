@@ -66,6 +66,9 @@ class IBertConfig:
     tie_word_embeddings: bool
     num_labels: int
     problem_type: str | None
+    # dropout rates (HF's training mode, `forward(..., train=True)`; inference ignores them)
+    hidden_dropout_prob: float = 0.1  # embeddings.dropout, both residual branches' dropout, the heads' dropout
+    attention_probs_dropout_prob: float = 0.1  # encoder.layer.{i}.attention.self.dropout, on the probabilities
 
     @property
     def head_dim(self) -> int:
@@ -89,9 +92,7 @@ class IBertConfig:
 
 IBERT_IGNORED = {
     "model_type": "checked to be 'ibert'",
-    "hidden_dropout_prob": "dropout: inference is deterministic",
-    "attention_probs_dropout_prob": "dropout: inference is deterministic",
-    "classifier_dropout": "dropout: inference is deterministic",
+    "classifier_dropout": "I-BERT's heads do not read it (their dropout rate is hidden_dropout_prob)",
     "is_decoder": "I-BERT is an encoder",
     "add_cross_attention": "I-BERT has no cross-attention (HF ignores it)",
 }
@@ -140,6 +141,8 @@ def parse_ibert_config(raw: Mapping[str, Any], architecture: str | None = None) 
         quant_mode=f.bool("quant_mode", False),
         force_dequant=f.choice("force_dequant", "none", FORCE_DEQUANT),
         tie_word_embeddings=f.bool("tie_word_embeddings", True),
+        hidden_dropout_prob=f.probability("hidden_dropout_prob", 0.1),
+        attention_probs_dropout_prob=f.probability("attention_probs_dropout_prob", 0.1),
         **common,
     )
     if architecture == "IBertForQuestionAnswering" and config.num_labels != 2:

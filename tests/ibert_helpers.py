@@ -38,13 +38,18 @@ def int_softmax(x, scale, act_min, act_max):
 def build_and_save(arch: str, config_kwargs: dict, seed: int, calibration: list[dict] | None = None,
                    patch=None):
     """HF model (eval mode) saved to a temp dir -> (model, directory). `patch(model)` is
-    applied before calibration (e.g. `propagate_hf_scales`)."""
+    applied before calibration (e.g. `propagate_hf_scales`). One torch thread and
+    transformers warnings off while building (quiet_torch), both restored after."""
+    from hf_helpers import quiet_torch
+
+    with quiet_torch():
+        return _build_and_save(arch, config_kwargs, seed, calibration, patch)
+
+
+def _build_and_save(arch: str, config_kwargs: dict, seed: int, calibration: list[dict] | None, patch):
     import torch
     import transformers
 
-    from hf_helpers import quiet_torch
-
-    quiet_torch()
     torch.manual_seed(seed)
     cfg = transformers.IBertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config_kwargs)
     model = getattr(transformers, arch)(cfg)

@@ -15,9 +15,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="reference tier needs the `reference` extra (torch + transformers)")
 transformers = pytest.importorskip("transformers", reason="reference tier needs the `reference` extra")
 
-import jax  # noqa: E402
 
-from hf_helpers import assert_close  # noqa: E402
+from hf_helpers import assert_close, assert_same_tree  # noqa: E402
 from ibert_helpers import build_and_save, calibrate, first_divergence, forward, integer_encoder  # noqa: E402
 from ibert_helpers import padded_batch, propagate_hf_scales  # noqa: E402
 from refjax.params import ibert as ibert_params  # noqa: E402
@@ -96,10 +95,10 @@ def test_quant_mode_is_bit_exact_and_calibration_matches(seed):
     for b in calib:
         state = calibrate(ck.params, ck.config, state, **b)
     tol, _ = calibration_tolerance(ck.config)
-    for (path, got), (_, want) in zip(jax.tree_util.tree_leaves_with_path(state),
-                                      jax.tree_util.tree_leaves_with_path(ck.params.state)):
+    def close(path, got, want):
         got, want = np.asarray(got), np.asarray(want)
-        assert np.all(np.abs(got - want) <= tol * np.maximum(np.abs(want), 1.0)), (kw, jax.tree_util.keystr(path), got, want)
+        assert np.all(np.abs(got - want) <= tol * np.maximum(np.abs(want), 1.0)), (kw, path, got, want)
+    assert_same_tree(state, ck.params.state, close)  # paired by path: a missing or extra leaf fails
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -130,12 +129,10 @@ def test_scale_propagating_hf_matches_propagate_scales_and_the_integer_path(seed
     state = ibert_params.initial_state(ck.config)
     for b in calib:
         state = calibrate(ck.params, ck.config, state, **b, propagate_scales=True)
-    for (path, got), (_, want) in zip(jax.tree_util.tree_leaves_with_path(state),
-                                      jax.tree_util.tree_leaves_with_path(ck.params.state)):
-        # 1e-6 relative: one seed's layer-1 context max (unrounded probs @ v, read by calibration)
-        # came out one float32 ulp from torch's (its matmul summation order; forward unaffected)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=0,
-                                   err_msg=f"{kw} {jax.tree_util.keystr(path)}")
+    # 1e-6 relative: one seed's layer-1 context max (unrounded probs @ v, read by calibration)
+    # came out one float32 ulp from torch's (its matmul summation order; forward unaffected)
+    assert_same_tree(state, ck.params.state, lambda path, got, want: np.testing.assert_allclose(
+        np.asarray(got), np.asarray(want), rtol=1e-6, atol=0, err_msg=f"{kw} {path}"))
     flat = {k: v.reshape(-1, v.shape[-1]) for k, v in batch.items()}
     int_taps = integer_encoder(ck.params, ck.config, ck.params.state, flat["input_ids"], flat["attention_mask"],
                                taps=True).taps
