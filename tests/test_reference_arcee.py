@@ -285,9 +285,12 @@ def describe(case: Case) -> str:
 def assert_config_agrees(ours, hf_cfg) -> None:
     """Every scalar field refjax parsed equals HF's config attribute; rope_scaling equal as dicts."""
     skip = {"architecture", "rope_scaling", "original_max_position_embeddings", "partial_rotary_factor"}
+    # ArceeConfig defines no classifier_dropout unless config.json sets it; HF's token
+    # classification then falls back to 0.1, which refjax's None also means
+    implied = {"classifier_dropout": None}
     for field in dataclasses.fields(ours):
         if field.name not in skip:
-            assert getattr(ours, field.name) == getattr(hf_cfg, field.name), field.name
+            assert getattr(ours, field.name) == getattr(hf_cfg, field.name, implied.get(field.name)), field.name
     assert ours.head_dim == hf_cfg.head_dim
     assert ours.original_max_position_embeddings == getattr(hf_cfg, "original_max_position_embeddings", None)
     theirs = dict(hf_cfg.rope_scaling or {"rope_type": "default"})
