@@ -102,7 +102,9 @@ class Probe:
         for replacement, layer in self._matches(self.patch, name):
             value = self._patched(value, replacement, layer)
         if self.taps:
-            if name in self.recorded:  # a dropout site of the same name (GPT-2's "drop") recorded its mask
+            earlier = self.recorded.get(name)
+            if earlier is not None and earlier.dtype == bool and value.dtype != bool:
+                # a dropout site of the same name (GPT-2's "drop") recorded its keep-mask here
                 self.recorded[f"{name}.keep"] = self.recorded.pop(name)
             self.recorded[name] = value
         return value

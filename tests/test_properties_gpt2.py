@@ -393,6 +393,12 @@ def test_lm_loss_gradients(config, seed):
     ids = rng.integers(0, config.vocab_size, (2, 5)).astype(np.int32)
     mask = left_padded_mask([5, 3], 5)
     labels = np.where(mask == 1, ids, -100)
+    # The first real token's label is predicted by the last pad query, which sees no real key
+    # and attends uniformly: its scores + finfo.min all round to finfo.min, so a finite
+    # difference sees a flat function, while autodiff (HF's, and refjax's since the mask is
+    # added as HF adds it) differentiates the unrounded softmax. Leave that label out here;
+    # tests/test_reference_train.py checks those gradients against HF autograd instead.
+    labels[:, 1:][mask[:, :-1] == 0] = -100
     loss = jax.jit(lambda p: gpt2.forward(p, config, i32(ids), i32(mask), labels=i32(labels)).loss)
     check_grads(loss, (params,), order=1, modes=["rev"], eps=GRAD_EPS, atol=GRAD_TOL, rtol=GRAD_TOL)
 
