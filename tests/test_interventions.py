@@ -215,3 +215,40 @@ def test_recorded_masks_replay_exactly(family):
     with_key = jax.jit(lambda p: logits(p, key=jax.random.key(4)))(params)
     with_masks = jax.jit(lambda p: logits(p, dropout_masks=masks))(params)
     np.testing.assert_allclose(np.asarray(with_masks), np.asarray(with_key), rtol=1e-12, atol=1e-12)
+
+
+# RoFormer's and I-BERT's classification heads call one HF dropout module twice.
+TWO_CALL_HEADS = {"roformer": ("roformer/seqcls-single", {"hidden_dropout_prob": 0.3}),
+                  "ibert": ("ibert/seqcls", {"hidden_dropout_prob": 0.3, "attention_probs_dropout_prob": 0.1})}
+
+
+@pytest.mark.parametrize("name", sorted(TWO_CALL_HEADS))
+def test_classification_head_draws_two_masks_from_one_module(name):
+    """HF's classification head calls `self.dropout` twice: two independent masks, recorded
+    stacked [2, B, D] and replayed as "classifier.dropout.{i}" (or one call by number)."""
+    from refjax import ibert, roformer
+
+    module = {"roformer": roformer, "ibert": ibert}[name]
+    case, rates = TWO_CALL_HEADS[name]
+    ckpt = load_checkpoint(os.path.join(GOLDEN, case), dtype=jnp.float64)
+    ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, **rates))
+    inputs = {k: jnp.asarray(v) for k, v in golden_inputs(case, ("input_ids", "attention_mask", "token_type_ids")).items()}
+
+    def run(**kw):
+        return module.forward(ckpt.params, ckpt.config, **inputs, taps=True, train=True, **kw)
+
+    out = run(key=jax.random.key(1))
+    keep = np.asarray(out.taps["classifier.dropout"])
+    B, D = inputs["input_ids"].shape[0], ckpt.config.hidden_size
+    assert keep.shape == (2, B, D) and not np.array_equal(keep[0], keep[1])
+    masks = masks_from_taps(out.taps, module.DROPOUT)
+    assert set(masks) == {"embeddings.dropout", "encoder.layer.{i}.attention.self.dropout",
+                          "encoder.layer.{i}.attention.output.dropout", "encoder.layer.{i}.output.dropout",
+                          "classifier.dropout.{i}"}
+    replay = run(dropout_masks=masks)
+    np.testing.assert_array_equal(np.asarray(replay.taps["classifier.dropout"]), keep)
+    np.testing.assert_allclose(np.asarray(replay.logits), np.asarray(out.logits), rtol=1e-12, atol=1e-12)
+    # one call by number: keep everything in call 0 and the rest of the masks as recorded
+    again = run(dropout_masks=dict(masks, **{"classifier.dropout.0": np.ones((B, D), bool)}))
+    np.testing.assert_array_equal(np.asarray(again.taps["classifier.dropout"][0]), np.ones((B, D), bool))
+    np.testing.assert_array_equal(np.asarray(again.taps["classifier.dropout"][1]), keep[1])

@@ -140,27 +140,6 @@ def test_train_freezes_the_quantization_ranges():
                zip(jax.tree.leaves(moved), jax.tree.leaves(ckpt.params.state)))
 
 
-def test_classification_head_draws_two_masks_from_one_module():
-    """HF's IBertClassificationHead calls `self.dropout` twice: two independent masks,
-    recorded stacked [2, B, D] and replayed as "classifier.dropout.{i}" (or one call by number)."""
-    ckpt, inputs = golden("seqcls", jnp.float64, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.1)
-    out = run(ckpt, inputs, taps=True, train=True, key=jax.random.key(1))
-    keep = np.asarray(out.taps["classifier.dropout"])
-    B, D = inputs["input_ids"].shape[0], ckpt.config.hidden_size
-    assert keep.shape == (2, B, D) and not np.array_equal(keep[0], keep[1])
-    masks = masks_from_taps(out.taps, ibert.DROPOUT)
-    assert set(masks) == {"embeddings.dropout", "encoder.layer.{i}.attention.self.dropout",
-                          "encoder.layer.{i}.attention.output.dropout", "encoder.layer.{i}.output.dropout",
-                          "classifier.dropout.{i}"}
-    replay = run(ckpt, inputs, taps=True, train=True, dropout_masks=masks)
-    np.testing.assert_array_equal(np.asarray(replay.taps["classifier.dropout"]), keep)
-    np.testing.assert_allclose(np.asarray(replay.logits), np.asarray(out.logits), rtol=1e-12, atol=1e-12)
-    one = dict(masks, **{"classifier.dropout.0": np.ones((B, D), bool)})
-    again = run(ckpt, inputs, taps=True, train=True, dropout_masks=one)
-    np.testing.assert_array_equal(np.asarray(again.taps["classifier.dropout"][0]), np.ones((B, D), bool))
-    np.testing.assert_array_equal(np.asarray(again.taps["classifier.dropout"][1]), keep[1])
-
-
 @pytest.mark.parametrize("case", ["tokcls", "mc"])
 def test_head_dropout_of_token_classification_and_multiple_choice(case):
     """`dropout` on the sequence output (token classification) or the pooled output

@@ -88,28 +88,6 @@ def test_attention_probs_are_returned_after_their_dropout():
     np.testing.assert_allclose(probs[0], expected, rtol=1e-12, atol=1e-15)
 
 
-def test_classification_head_draws_two_masks_from_one_module():
-    """HF's RoFormerClassificationHead calls `self.dropout` twice: two independent masks,
-    recorded stacked [2, B, D] and replayed as "classifier.dropout.{i}" (or one call by number)."""
-    ckpt, inputs = golden("seqcls-single", hidden_dropout_prob=0.3)
-    out = run(ckpt, inputs, taps=True, train=True, key=jax.random.key(1))
-    keep = np.asarray(out.taps["classifier.dropout"])
-    B, D = inputs["input_ids"].shape[0], ckpt.config.hidden_size
-    assert keep.shape == (2, B, D) and not np.array_equal(keep[0], keep[1])
-    masks = masks_from_taps(out.taps, roformer.DROPOUT)
-    assert set(masks) == {"embeddings.dropout", "encoder.layer.{i}.attention.self.dropout",
-                          "encoder.layer.{i}.attention.output.dropout", "encoder.layer.{i}.output.dropout",
-                          "classifier.dropout.{i}"}
-    replay = run(ckpt, inputs, taps=True, train=True, dropout_masks=masks)
-    np.testing.assert_array_equal(np.asarray(replay.taps["classifier.dropout"]), keep)
-    np.testing.assert_allclose(np.asarray(replay.logits), np.asarray(out.logits), rtol=1e-12, atol=1e-12)
-    # one call by number: keep everything in call 0 and the rest of the masks as recorded
-    one = dict(masks, **{"classifier.dropout.0": np.ones((B, D), bool)})
-    again = run(ckpt, inputs, taps=True, train=True, dropout_masks=one)
-    np.testing.assert_array_equal(np.asarray(again.taps["classifier.dropout"][0]), np.ones((B, D), bool))
-    np.testing.assert_array_equal(np.asarray(again.taps["classifier.dropout"][1]), keep[1])
-
-
 def test_summary_dropouts_exist_only_with_a_rate():
     """RoFormerSequenceSummary builds its dropouts only when the config has the attribute > 0
     (RoFormerConfig has none): the golden mc config has neither, so no site is drawn."""
