@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import difflib
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -179,11 +179,6 @@ def check_site(family: str, name: str, site_names: Sequence[str], n_layers: int,
     raise ValueError(f"{what} {name!r} is not a {family} site{hint} (the full list: refjax.{family}.TAPS)")
 
 
-def stack_records(prefix: str, recorded: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """A layer probe's records (stacked by the scan) under the stack's name: "" -> prefix."""
-    return {f"{prefix}.{name}" if name else prefix: value for name, value in recorded.items()}
-
-
 def stacked(name: str) -> str:
     """A site's key in a taps dict: "h.{i}.mlp.dropout" -> "h.mlp.dropout" (stacked [L, ...])."""
     return name.replace("." + LAYER, "")
@@ -200,8 +195,6 @@ def masks_from_taps(taps: Mapping[str, jax.Array], sites: Sequence[str]) -> dict
                 break
     return found
 
-
-PatchFn = Callable[[jax.Array], jax.Array]
 
 # The probe of a plain call: records nothing, patches nothing, no dropout (it never changes).
 OFF = Probe()

@@ -19,7 +19,6 @@ import difflib
 from typing import Any, Callable, Literal, Mapping, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from refjax import losses
 from refjax.heads import Output
@@ -271,9 +270,3 @@ def choice_logits(logits: jax.Array, batch: Batch) -> jax.Array:
 def first_token(hidden: jax.Array) -> jax.Array:
     """hidden [B, T, D] -> [B, D] at position 0 (BERT's <s>/[CLS] pooling)."""
     return hidden[:, 0]
-
-
-def ones_like_mask(tokens: Tokens) -> jax.Array:
-    """The attention mask, all ones when none was given: [B, T] bool."""
-    B, T = tokens.shape
-    return jnp.ones((B, T), bool) if tokens.attention_mask is None else tokens.attention_mask.astype(bool)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN, golden_inputs
-from refjax import arcee, gpt2, ibert, mega, roformer
+from refjax import arcee, gpt2, ibert, mega, nn, roformer
 from refjax.params.checkpoint import load_checkpoint
 from refjax.probe import masks_from_taps, stacked
 
@@ -38,8 +38,12 @@ FAMILIES = {
     "mega": (mega, "mega/causal-lm", "layers", "nffn", "mega_layer", {}),
 }
 # post-LayerNorm families: a layer's output is LayerNorm(residual + MLP), so zeroing the MLP
-# leaves LayerNorm(residual), tested in each family's tests/test_interventions_<family>.py
-POST_LN = {"roformer", "ibert"}
+# leaves LayerNorm(residual): family -> (the layer's output LayerNorm params, stacked [L, ...];
+# the tap of the sum residual + MLP, or None)
+POST_LN = {
+    "roformer": (lambda params: params.roformer.encoder.layer.output.LayerNorm, None),
+    "ibert": (lambda params: params.ibert.layer.output.LayerNorm, "output.ln_input_act"),
+}
 # MEGA's residuals live inside HF's modules (mega_layer and nffn each return x + branch):
 # zeroing "nffn" zeroes the layer; tests/test_interventions_mega.py states what does hold
 RESIDUAL_INSIDE = {"mega"}
@@ -89,7 +93,7 @@ def test_identity_patches_change_nothing(family):
 
 def test_zeroed_mlp_leaves_the_attention_residual(family):
     if family.name in POST_LN:
-        pytest.skip(f"post-LN: tests/test_interventions_{family.name}.py checks LayerNorm(residual)")
+        pytest.skip("post-LN: test_zeroed_mlp_leaves_layernorm_of_the_residual")
     if family.name in RESIDUAL_INSIDE:
         pytest.skip(f"residual inside the MLP module: tests/test_interventions_{family.name}.py")
     layer = n_layers(family) - 1
@@ -98,6 +102,27 @@ def test_zeroed_mlp_leaves_the_attention_residual(family):
     np.testing.assert_array_equal(np.asarray(stack_out), np.asarray(resid))
     assert not np.any(np.asarray(out.taps[f"{family.stack}.{family.mlp_out}"][layer]))  # the patched tap is returned
     base = run(family, taps=True)  # earlier layers untouched, downstream changed
+    np.testing.assert_array_equal(np.asarray(out.taps[family.stack][:layer]), np.asarray(base.taps[family.stack][:layer]))
+    assert not np.allclose(np.asarray(out.logits), np.asarray(base.logits))
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_zeroed_mlp_leaves_layernorm_of_the_residual(family, layer):
+    """Post-LN (RoFormer, I-BERT float mode): with the MLP output zeroed, the layer's sum is the
+    residual exactly and the layer's output is its output LayerNorm of the residual, computed
+    outside the layer scan (XLA may round the norm differently: 1e-13 relative)."""
+    if family.name not in POST_LN:
+        pytest.skip("pre-LN: test_zeroed_mlp_leaves_the_attention_residual")
+    norm_params, sum_tap = POST_LN[family.name]
+    out = run(family, taps=True, patch={f"{family.stack}.{layer}.{family.mlp_out}": jnp.zeros_like})
+    resid = np.asarray(out.taps[f"{family.stack}.{family.resid}"][layer])
+    if sum_tap is not None:
+        np.testing.assert_array_equal(np.asarray(out.taps[f"{family.stack}.{sum_tap}"][layer]), resid)
+    norm = jax.tree.map(lambda a: a[layer], norm_params(family.ckpt.params))
+    expected = nn.layer_norm(norm, jnp.asarray(resid), family.ckpt.config.layer_norm_eps)
+    np.testing.assert_allclose(np.asarray(out.taps[family.stack][layer]), np.asarray(expected), rtol=1e-13, atol=1e-13)
+    assert not np.any(np.asarray(out.taps[f"{family.stack}.{family.mlp_out}"][layer]))  # the patched tap is returned
+    base = run(family, taps=True)
     np.testing.assert_array_equal(np.asarray(out.taps[family.stack][:layer]), np.asarray(base.taps[family.stack][:layer]))
     assert not np.allclose(np.asarray(out.logits), np.asarray(base.logits))
 

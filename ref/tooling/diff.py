@@ -36,6 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from refjax.probe import LAYER, stacked
 from refjax.tooling.dumps import INPUT_KEYS, Dump
 
 # Forward outputs after the final norm, in the order a dump lists them (HF field names).
@@ -43,7 +44,6 @@ HEAD_FIELDS = ("last_hidden_state", "logits", "loss", "mc_logits", "mc_loss", "s
 # The output fields `refjax forward` writes (HF names).
 OUTPUT_FIELDS = ("logits", "loss", "mc_logits", "mc_loss", "start_logits", "end_logits", "last_hidden_state",
                  "pooler_output")
-LAYER = "{i}"  # the layer-index placeholder in a family's TAPS names ("h.{i}.attn.q")
 
 # Row statuses. DIFF and SHAPE are divergences; the two "only" statuses are missing names.
 OK, DIFF, SHAPE, ONLY_REF, ONLY_OTHER = "ok", "DIFF", "SHAPE", "only REF", "only OTHER"
@@ -54,27 +54,21 @@ OK, DIFF, SHAPE, ONLY_REF, ONLY_OTHER = "ok", "DIFF", "SHAPE", "only REF", "only
 # --------------------------------------------------------------------------------------
 
 
-def stacked_name(name: str) -> str:
-    """The key a per-layer tap has in forward's taps dict: "h.{i}.attn.q" -> "h.attn.q",
-    "h.{i}" -> "h"."""
-    return name.replace("." + LAYER, "")
-
-
 def expand_taps(taps: Mapping[str, Any], spec: Sequence[str], n_layers: int,
                 optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """forward's taps dict (per-layer taps stacked [L, ...]) -> one array per layer and op,
     named as `spec` (a family's TAPS) says: "h.{i}.attn.q" -> "h.0.attn.q", "h.1.attn.q", ...
     Names in `optional` may be absent (a module only some heads build, e.g. I-BERT's pooler)."""
-    expected = {stacked_name(n) for n in spec}
-    if not set(taps) <= expected or expected - set(taps) - {stacked_name(n) for n in optional}:
+    expected = {stacked(n) for n in spec}
+    if not set(taps) <= expected or expected - set(taps) - {stacked(n) for n in optional}:
         # the family file and its TAPS table disagree: a refjax bug
         raise RuntimeError(f"taps and TAPS disagree: produced but not listed {sorted(set(taps) - expected)}, "
                            f"listed but not produced {sorted(expected - set(taps))}")
     out = {}
     for name in spec:
-        if stacked_name(name) not in taps:
+        if stacked(name) not in taps:
             continue
-        value = np.asarray(taps[stacked_name(name)])
+        value = np.asarray(taps[stacked(name)])
         if LAYER in name:
             for i in range(n_layers):
                 out[name.replace(LAYER, str(i))] = value[i]
