@@ -87,7 +87,7 @@ def model(p: ArceeBody, config: ArceeConfig, tokens: Tokens, cache: KVCache | No
     B, T = tokens.shape
     mask = attn_lib.mask_for(tokens.attention_mask, B, T, cache)
     position_ids = jnp.broadcast_to(mask.slots, (B, T)) if tokens.position_ids is None else tokens.position_ids
-    x = nn.embed(p.embed_tokens, tokens.input_ids) if tokens.inputs_embeds is None else tokens.inputs_embeds
+    x = nn.embed(p.embed_tokens, tokens.input_ids, config.pad_token_id) if tokens.inputs_embeds is None else tokens.inputs_embeds
     x = probe("embed_tokens", x)  # [B, T, D]
     inv_freq, attention_scaling = rotary.rope_frequencies(config, position_ids)
     cos, sin = rotary.rope_cos_sin(inv_freq, attention_scaling, position_ids, x.dtype)  # [B, T, H]

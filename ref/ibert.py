@@ -72,9 +72,7 @@ def embed(p: IBertEmbeddings, config: IBertConfig, q: Quant, tokens: Tokens, pro
         """QuantEmbedding (an 8-bit table in quant mode). HF's word and position tables have
         padding_idx = pad_token_id: the pad row gets no gradient (same values, stopped)."""
         a = Act(*quant.quant_embedding(table, ids)) if config.quant_mode else Act(jnp.take(table, ids, axis=0))
-        if padding_idx is None:
-            return a
-        return a._replace(x=jnp.where((ids == padding_idx)[..., None], jax.lax.stop_gradient(a.x), a.x))
+        return a._replace(x=nn.no_grad_at_padding(a.x, ids, padding_idx))
 
     pad = config.pad_token_id
     if tokens.inputs_embeds is None:

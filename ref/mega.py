@@ -163,10 +163,11 @@ def block(p: MegaLayer, config: MegaConfig, x: Float[Array, "B T D"], mask: Arra
     return LayerOut(probe("", out), a.probs, a.kv, probe.recorded)
 
 
-def embed(word_embeddings: Embedding, token_type_embeddings: Embedding | None, tokens: Tokens) -> Float[Array, "B T D"]:
+def embed(word_embeddings: Embedding, token_type_embeddings: Embedding | None, tokens: Tokens,
+          pad_token_id: int | None) -> Float[Array, "B T D"]:
     """HF `MegaEmbeddings`: word [+ token type] embeddings; no positions (they enter only
-    through the EMA and the relative bias)."""
-    x = nn.embed(word_embeddings, tokens.input_ids) if tokens.inputs_embeds is None else tokens.inputs_embeds
+    through the EMA and the relative bias). The pad row gets no gradient (HF's padding_idx)."""
+    x = nn.embed(word_embeddings, tokens.input_ids, pad_token_id) if tokens.inputs_embeds is None else tokens.inputs_embeds
     if token_type_embeddings is not None:
         B, T = tokens.shape
         types = jnp.zeros((B, T), jnp.int32) if tokens.token_type_ids is None else tokens.token_type_ids
@@ -184,7 +185,7 @@ def model(p: MegaBody, config: MegaConfig, tokens: Tokens, cache: MegaCache | No
     """HF `MegaModel`: no embedding dropout, no final norm, the last layer's output is
     last_hidden_state. With a cache, attention_mask covers only the new tokens. `probe`
     (ref/probe.py): taps, patches and dropout of this call (default: none of them)."""
-    x = probe("embedding_layer", embed(p.word_embeddings, p.token_type_embeddings, tokens))  # [B, T, D]
+    x = probe("embedding_layer", embed(p.word_embeddings, p.token_type_embeddings, tokens, config.pad_token_id))  # [B, T, D]
     start = None if cache is None else cache.length
     stack = layers.run_stack(
         lambda layer, i, x, kv: block(layer, config, x, tokens.attention_mask, probe.layer("layers", i), kv, start),

@@ -73,9 +73,17 @@ def check_ids(ids, upper: int, name: str, what: str = "vocab_size") -> None:
         raise ValueError(f"{name} contains {bad}, outside [0, {upper}) ({what}={upper})")
 
 
-def embed(p: Embedding, ids: jax.Array) -> jax.Array:
-    """Row lookup: [...] int -> [..., D]."""
-    return jnp.take(p.table, ids, axis=0)
+def embed(p: Embedding, ids: jax.Array, padding_idx: int | None = None) -> jax.Array:
+    """Row lookup: [...] int -> [..., D]. `padding_idx`: as HF `nn.Embedding(padding_idx=i)`."""
+    return no_grad_at_padding(jnp.take(p.table, ids, axis=0), ids, padding_idx)
+
+
+def no_grad_at_padding(rows: jax.Array, ids: jax.Array, padding_idx: int | None) -> jax.Array:
+    """torch's `nn.Embedding(padding_idx=i)`: row i is looked up as stored but its lookups
+    send no gradient to the table (other uses of the table, e.g. a tied LM head, still do)."""
+    if padding_idx is None:
+        return rows
+    return jnp.where((ids == padding_idx)[..., None], jax.lax.stop_gradient(rows), rows)
 
 
 # ---------------------------------------------------------------------------------------

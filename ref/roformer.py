@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -39,7 +40,7 @@ def embed(p: RoFormerEmbeddings, project: Linear | None, config: RoFormerConfig,
           probe: Probe = OFF) -> Float[Array, "B T D"]:
     """HF `RoFormerEmbeddings` (+ `embeddings_project`): dropout(LN(word + token_type)) [B, T, E],
     projected to [B, T, D] when embedding_size != hidden_size. No position embedding."""
-    words = nn.embed(p.word_embeddings, tokens.input_ids) if tokens.inputs_embeds is None else tokens.inputs_embeds
+    words = nn.embed(p.word_embeddings, tokens.input_ids, config.pad_token_id) if tokens.inputs_embeds is None else tokens.inputs_embeds
     words = probe("embeddings.word_embeddings", words)
     type_ids = tokens.token_type_ids
     if type_ids is None:  # HF: zeros
@@ -144,7 +145,8 @@ def model(p: RoFormerBody, config: RoFormerConfig, tokens: Tokens, cache: KVCach
     B, T = tokens.shape
     mask = attn_lib.mask_for(tokens.attention_mask, B, T, cache, causal=config.is_decoder)
     x = embed(p.embeddings, p.embeddings_project, config, tokens, probe)  # [B, T, D]
-    sin, cos = sinusoidal_positions(p.encoder.embed_positions.table.astype(x.dtype), mask.slots)  # [T, H]
+    table = jax.lax.stop_gradient(p.encoder.embed_positions.table)  # HF: a fixed table, read under no_grad
+    sin, cos = sinusoidal_positions(table.astype(x.dtype), mask.slots)  # [T, H]
     sin, cos = probe("encoder.embed_positions.sin", sin), probe("encoder.embed_positions.cos", cos)
     stack = layers.run_stack(
         lambda lp, i, x, kv: layer(lp, config, x, sin, cos, mask, probe.layer("encoder.layer", i), kv, fast),

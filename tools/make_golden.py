@@ -1109,6 +1109,14 @@ def select(patterns: list[str] | None) -> list[str]:
     return [c for c in CASES if c in chosen]  # registry order
 
 
+def golden_grads():
+    """tools/golden_grads.py: the gradient goldens of a few cases per family."""
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    return importlib.import_module("golden_grads")
+
+
 def build_case(name: str, out: Path) -> CaseInfo:
     """Build a case in a staging dir, then move its files into out/name (each via os.replace)."""
     final = out / name
@@ -1116,6 +1124,8 @@ def build_case(name: str, out: Path) -> CaseInfo:
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".staging-{final.name}-"))
     try:
         info = CASES[name](staging)
+        if name in golden_grads().CASES:  # HF's gradients, from the checkpoint just written
+            golden_grads().write(sys.modules[__name__], name, staging)
         final.mkdir(exist_ok=True)
         new = {p.relative_to(staging) for p in staging.rglob("*") if p.is_file()}
         for old in [p for p in final.rglob("*") if p.is_file()]:

@@ -27,6 +27,11 @@ Stated exceptions, each an HF behaviour rather than ours:
     are replayed with the family's `calibrate` and the state compared with HF's buffers.
 Outputs are compared at every position, padded ones included: refjax reproduces HF's
 masking of fully padded rows (see ref/attention.py).
+
+Gradients (`grad.safetensors`, a few cases per family, tools/golden_grads.py): `jax.grad` of
+the loss w.r.t. every parameter and inputs_embeds against HF autograd's, each tensor relative
+to its own largest entry (`compare_gradient`: zero-by-symmetry gradients and one-entry
+parameters are the two stated exceptions, with measured reasons).
 """
 
 from __future__ import annotations
@@ -184,6 +189,110 @@ def run_case(golden_dir: str, case: str) -> Iterator[Row]:
         yield from _check_generation(golden_dir, case, golden)
     if "texts" in metadata:
         yield from _check_tokenizer(case_dir, case, golden, json.loads(metadata["texts"]))
+    if os.path.isfile(os.path.join(case_dir, GRADIENTS)):
+        yield from _check_gradients(case_dir, case, golden)
+
+
+GRADIENTS = "grad.safetensors"  # HF autograd's gradients of the loss (tools/golden_grads.py)
+
+
+def _check_gradients(case_dir: str, case: str, golden) -> Iterator[Row]:
+    """`jax.grad` of the case's loss against HF autograd's, w.r.t. every parameter (by HF
+    name, through the checkpoint's name rules) and w.r.t. inputs_embeds.
+
+    Each gradient tensor is compared relative to its own largest HF entry (a gradient's
+    scale is not 1; the forward rows' floor of 1 would hide a wrong small gradient), at the
+    dtype's tolerance; float32 where HF's float64 loss or forward is float32-accurate (the
+    same exceptions as the forward rows). A parameter HF records and refjax lacks, or one
+    refjax differentiates that HF neither records nor declares (`not_recorded`: buffers,
+    tied aliases, frozen tables), fails the case."""
+    grads, metadata = io.read_safetensors(os.path.join(case_dir, GRADIENTS))
+    not_recorded = set(json.loads(metadata["not_recorded"]))
+    loss_dtype = json.loads(metadata["loss_dtype"])
+    for dtype in sorted({k.split("/")[0] for k in grads if "/" in k}):
+        ckpt = checkpoint_lib.load_checkpoint(case_dir, dtype=jnp.dtype(dtype))
+        family = families.FAMILIES[ckpt.family]
+        rules = checkpoint_lib.FAMILIES[ckpt.family].module.name_rules(ckpt.config)
+        inputs = {k: jnp.asarray(golden.get(f"{dtype}.{k}", golden.get(k))) for k in INPUT_NAMES if k in golden}
+        embeds = jnp.asarray(grads[f"{dtype}.inputs_embeds"])
+        tol, note = TOLERANCE[dtype], ""
+        if dtype == "float64" and ckpt.family in FLOAT64_IS_FLOAT32_ACCURATE:
+            tol, note = TOLERANCE["float32"], FLOAT64_IS_FLOAT32_ACCURATE[ckpt.family]
+        elif loss_dtype[dtype] != dtype:
+            tol, note = TOLERANCE[loss_dtype[dtype]], f"HF computes this loss in {loss_dtype[dtype]}"
+        trainable, frozen = _split_trainable(ckpt.params)
+        with jax.default_matmul_precision("highest"):
+            (loss, param_grads), (embeds_loss, embeds_grad) = _loss_gradients(family, ckpt.config, inputs)(
+                trainable, frozen, embeds)
+        ours = io.tensors_from_tree(param_grads, rules)
+        recorded = {k.split("/", 2)[2]: np.asarray(v) for k, v in grads.items() if k.startswith(f"{dtype}/param/")}
+        model_scale = max(float(np.max(np.abs(v))) for v in recorded.values())
+        yield compare(case, dtype, "grad.loss", loss, np.asarray(grads[f"{dtype}/loss"]), tol, note)
+        yield compare(case, dtype, "grad.embeds_loss", embeds_loss, np.asarray(grads[f"{dtype}/embeds_loss"]), tol,
+                      note)
+        for name in sorted(set(recorded) | set(ours)):
+            field = f"grad.{name}"
+            if name not in ours:
+                yield Row(case, dtype, field, float("inf"), float("inf"), tol, False, "HF has it, refjax has none")
+            elif name not in recorded and name not in not_recorded:
+                yield Row(case, dtype, field, float("inf"), float("inf"), tol, False,
+                          "refjax differentiates it, HF neither records nor declares it")
+            elif name in recorded:
+                yield compare_gradient(case, dtype, field, ours[name], recorded[name], tol, note, model_scale)
+        yield compare_gradient(case, dtype, "grad.inputs_embeds", embeds_grad,
+                               np.asarray(grads[f"{dtype}/inputs_embeds"]), tol, note, model_scale)
+
+
+CANCELLED = 1e-4  # an HF gradient below this fraction of the model's largest is zero up to rounding
+# A one-entry parameter (MEGA's ScaleNorm gain) has one gradient summed over every position and
+# feature: float32 rounding of that sum reached 2.6e-5 relative (mega/causal-lm), so x10.
+SCALAR_FACTOR = 10
+
+
+def compare_gradient(case: str, dtype: str, field: str, ours: Any, ref: np.ndarray, tol: float, note: str,
+                     model_scale: float) -> Row:
+    """`compare` for one gradient tensor, relative to its own largest HF entry rather than
+    max(that, 1): a gradient's scale is not 1, and the floor would hide a wrong small one.
+    A gradient that is zero by symmetry (e.g. a QA head's bias: the start/end softmax is
+    shift-invariant) is HF's and ours rounding noise, ~1e-8 here: when its largest entry is
+    below CANCELLED x the model's largest gradient (`model_scale`), it is compared on that
+    scale instead, and the row says so."""
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    if ref.size == 1:
+        tol, note = tol * SCALAR_FACTOR, (note + "; " if note else "") + f"one entry, a sum over everything: x{SCALAR_FACTOR}"
+    if scale < CANCELLED * model_scale:
+        scale = model_scale
+        note = (note + "; " if note else "") + "zero up to rounding: relative to the model's largest gradient"
+    if scale == 0.0:
+        return compare(case, dtype, field, ours, ref, 0.0, note)
+    row = compare(case, dtype, field, np.asarray(ours, np.float64) / scale, ref.astype(np.float64) / scale, tol, note)
+    return dataclasses.replace(row, max_abs=row.max_abs * scale, max_rel=row.max_abs)
+
+
+def _split_trainable(params):
+    """(floating leaves, the rest): gradients are taken w.r.t. the first."""
+    import equinox as eqx
+
+    return eqx.partition(params, eqx.is_inexact_array)
+
+
+def _loss_gradients(family, config, inputs: dict):
+    """One jitted function (one compile per case and dtype) of (trainable params, frozen
+    params, inputs_embeds): the case's loss and its gradient w.r.t. the floating params, and
+    the loss with inputs_embeds in place of input_ids (all else unchanged) and its gradient
+    w.r.t. inputs_embeds."""
+    import equinox as eqx
+
+    without_ids = {k: v for k, v in inputs.items() if k != "input_ids"}
+
+    @jax.jit
+    def gradients(trainable, frozen, embeds):
+        params = eqx.combine(trainable, frozen)
+        of_params = jax.value_and_grad(lambda t: family.forward(eqx.combine(t, frozen), config, **inputs).loss)
+        of_embeds = jax.value_and_grad(lambda e: family.forward(params, config, inputs_embeds=e, **without_ids).loss)
+        return of_params(trainable), of_embeds(embeds)
+
+    return gradients
 
 
 def _check_generation(golden_dir: str, case: str, golden) -> Iterator[Row]:
@@ -236,12 +345,13 @@ def _check_calibration(case_dir: str, case: str, golden, options: dict) -> Itera
 
 def calibration_tolerance(config) -> tuple[float, str]:
     """How closely a quantized model's `calibrate` reproduces HF's calibrated buffers:
-    exactly while GELU and LayerNorm are integer-only. A float GELU or LayerNorm (I-BERT's
-    force_dequant) feeds its float32 output's min/max into the next range, and torch's erf /
-    mean round differently from XLA's in the last bit: relative 1e-5 there."""
-    if config.quantized("gelu") and config.quantized("layernorm"):
+    exactly while softmax, GELU and LayerNorm are integer-only. A float one (I-BERT's
+    force_dequant) feeds its float32 output's min/max into the next range (a float softmax:
+    through the context probs @ v), and torch's exp / erf / mean and its matmul summation
+    round differently from XLA's in the last bit: relative 1e-5 there."""
+    if config.quantized("softmax") and config.quantized("gelu") and config.quantized("layernorm"):
         return 0.0, "calibrated ranges, exact"
-    return 1e-5, "float GELU/LayerNorm (force_dequant) feed the ranges: torch's float32 rounding differs"
+    return 1e-5, "float softmax/GELU/LayerNorm (force_dequant) feed the ranges: torch's float32 rounding differs"
 
 
 def _check_rope(case_dir: str, case: str, golden) -> Iterator[Row]:
