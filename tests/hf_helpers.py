@@ -152,6 +152,39 @@ def assert_close(name: str, ours, theirs, tol: float) -> float:
     return err
 
 
+LABEL_KINDS = ("lm", "token", "single", "regression", "multi", "choice", "span")
+
+
+def random_labels(kind: str, rng, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                  num_labels: int = 3) -> dict[str, np.ndarray]:
+    """One head's labels for a batch, including what HF ignores. "lm": the ids, -100 at pads
+    and position 0; "token": [B, T] classes, -100 at pads; "single" [B] int; "regression"
+    [B] float32 (num_labels 1); "multi" [B, num_labels] 0/1 float32; "choice" [B] over the C
+    of [B, C, T] ids; "span": start/end positions [B] with one of each beyond T (HF clamps
+    it to T, its ignore_index)."""
+    B, T = input_ids.shape[0], input_ids.shape[-1]
+    real = np.ones(input_ids.shape, bool) if attention_mask is None else attention_mask == 1
+    if kind == "lm":
+        labels = np.where(real, input_ids, -100)
+        labels[..., 0] = -100
+        return {"labels": labels.astype(np.int64)}
+    if kind == "token":
+        return {"labels": np.where(real, rng.integers(0, num_labels, input_ids.shape), -100).astype(np.int64)}
+    if kind == "single":
+        return {"labels": rng.integers(0, num_labels, (B,)).astype(np.int64)}
+    if kind == "regression":
+        return {"labels": rng.normal(size=(B,)).astype(np.float32)}
+    if kind == "multi":
+        return {"labels": (rng.random((B, num_labels)) < 0.5).astype(np.float32)}
+    if kind == "choice":
+        return {"labels": rng.integers(0, input_ids.shape[1], (B,)).astype(np.int64)}
+    if kind == "span":
+        start, end = rng.integers(0, T, (B,)), rng.integers(0, T, (B,))
+        start[0], end[-1] = T + 2, T + 5  # clamped to T: ignored
+        return {"start_positions": start.astype(np.int64), "end_positions": end.astype(np.int64)}
+    raise ValueError(f"unknown label kind {kind!r} (one of {LABEL_KINDS})")
+
+
 def hf_generate(model, ids, mask, max_new_tokens, pad, eos):
     import torch
 

@@ -9,7 +9,10 @@ inputs HF accepts (with chunking: at most or a multiple of chunk_size), with no,
 right or fully padded rows. The HF model is re-initialised at random
 (tools/golden_mega.reinit_mega, BatchNorm statistics included), saved with
 `save_pretrained` and loaded with refjax's `load_checkpoint`; every output HF returns is
-compared at every position, in float32 and float64.
+compared at every position, in float32 and float64. The draws pass no labels; fixed
+examples compare every head's loss: causal LM (labels shifted, right padding), masked LM
+and token classification (-100 at pads), sequence classification in its three problem
+types, multiple choice, and QA with start/end positions beyond T (clamped, ignored).
 
 Tolerance: |refjax - hf| <= 1e-5 * max(max|hf|, 1) per tensor in both dtypes: HF computes
 the EMA's FFT convolution and the rotary sinusoids in float32 even in a float64 model.
@@ -42,7 +45,7 @@ from hypothesis import HealthCheck, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
-from hf_helpers import assert_close, quiet_torch  # noqa: E402
+from hf_helpers import assert_close, quiet_torch, random_labels  # noqa: E402
 from mega_helpers import FP32_TOL, FWD, make_inputs, raw_configs, seq_lengths  # noqa: E402
 from refjax.params.checkpoint import load_checkpoint  # noqa: E402
 from refjax import mega  # noqa: E402
@@ -78,20 +81,24 @@ def hf_forward(model, inputs: dict, dtype) -> dict:
     return result
 
 
-def compare(raw: dict, inputs: dict, seed: int) -> None:
+def compare(raw: dict, inputs: dict, seed: int) -> set[str]:
+    """Every field HF returns, in float32 and float64 (float inputs, e.g. labels, cast to
+    each); returns the names of the fields compared."""
     with quiet_torch(), tempfile.TemporaryDirectory() as tmp:
         model = build_hf(raw, seed)
         model.save_pretrained(tmp, safe_serialization=True)
         for dtype_name in ("float32", "float64"):
             model.to(getattr(torch, dtype_name))
-            theirs = hf_forward(model, inputs, dtype_name)
+            typed = {k: v.astype(dtype_name) if v.dtype.kind == "f" else v for k, v in inputs.items()}
+            theirs = hf_forward(model, typed, dtype_name)
             ck = load_checkpoint(tmp, dtype=jnp.dtype(dtype_name))
-            ours = FWD(ck.params, ck.config, **{k: jnp.asarray(v) for k, v in inputs.items()},
+            ours = FWD(ck.params, ck.config, **{k: jnp.asarray(v) for k, v in typed.items()},
                        output_hidden_states=True, output_attentions=True)
             for field, value in theirs.items():
                 mine = np.asarray(getattr(ours, field))
                 assert_close(f"{dtype_name} {field}", mine.reshape(value.shape) if mine.size == value.size else mine,
                              value, FP32_TOL)
+    return set(theirs)
 
 
 @SETTINGS
@@ -112,6 +119,39 @@ def test_decoder_left_padding_matches_hf_nan_pattern_and_values(attention):
                nffn_hidden_size=20, max_positions=24, bidirectional=False, is_decoder=True,
                attention_activation=attention, add_token_type_embeddings=False, use_cache=False)
     compare(raw, make_inputs(raw, 6, "left", np.random.default_rng(0)), 0)
+
+
+# Fixed examples: every head's loss (the draws above pass no labels). case: (HF class,
+# config overrides, padding, random_labels kind)
+LOSS_CASES = {
+    "causal-lm": ("MegaForCausalLM", dict(is_decoder=True, bidirectional=False), "right", "lm"),
+    "masked-lm": ("MegaForMaskedLM", {}, "left", "lm"),
+    "seqcls-single": ("MegaForSequenceClassification", dict(num_labels=3), "left", "single"),
+    "seqcls-regression": ("MegaForSequenceClassification", dict(num_labels=1), "right", "regression"),
+    "seqcls-multi": ("MegaForSequenceClassification", dict(num_labels=3), "left", "multi"),
+    "mc": ("MegaForMultipleChoice", {}, "left", "choice"),
+    "tokcls": ("MegaForTokenClassification", dict(num_labels=3), "right", "token"),
+    "qa": ("MegaForQuestionAnswering", {}, "left", "span"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
+def test_every_head_loss_matches_hf(case):
+    """Every head with labels on one tiny config: the loss (and every other field) at
+    FP32_TOL in float32 and float64. The causal LM shifts its labels; masked LM and token
+    labels are -100 at pads; sequence classification infers its problem type from
+    num_labels and the label dtype; one QA start and one end position lie beyond T (HF
+    clamps them to T and ignores them); decoders are right-padded (left padding is NaN)."""
+    arch, extra, padding, kind = LOSS_CASES[case]
+    raw = dict(model_type="mega", architectures=[arch], vocab_size=40, hidden_size=16, num_hidden_layers=1,
+               intermediate_size=24, ema_projection_size=3, shared_representation_size=8, nffn_hidden_size=20,
+               max_positions=24, add_token_type_embeddings=False, use_cache=False, pad_token_id=1, bos_token_id=0,
+               eos_token_id=2, **extra)
+    rng = np.random.default_rng(5)
+    inputs = make_inputs(raw, 6, padding, rng)
+    inputs.update(random_labels(kind, rng, inputs["input_ids"], inputs.get("attention_mask"),
+                                num_labels=raw.get("num_labels", 2)))
+    assert "loss" in compare(raw, inputs, 5)
 
 
 def hf_incremental_logits(model, ids: np.ndarray, mask: np.ndarray, prompt_len: int) -> np.ndarray:
