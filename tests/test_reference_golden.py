@@ -4,7 +4,7 @@ A sample of cases, one per family (arcee/causal-lm: the case with HF's declared 
 NaN), is regenerated into a temporary directory with the pinned stack and compared with
 golden/: every model, config and tokenizer file byte for byte; golden.safetensors tensor by
 tensor (names, dtypes, shapes and raw bytes, NaN bit patterns included) and its metadata
-key by key, except `generator_commit`, which names the commit that wrote the file and so
+key by key, and likewise grad.safetensors (HF's gradients) where the case has one, except `generator_commit`, which names the commit that wrote the file and so
 differs by design between a stored golden and one regenerated at a later commit (a golden
 written before the key existed has none).
 """
@@ -26,7 +26,8 @@ from refjax.params.io import read_safetensors  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
-SAMPLE = ("gpt2/seqcls-single", "arcee/causal-lm", "roformer/model", "mega/model", "ibert/quant-seqcls")
+# gpt2/seqcls-single and mega/causal-lm also hold gradient goldens (grad.safetensors)
+SAMPLE = ("gpt2/seqcls-single", "arcee/causal-lm", "roformer/model", "mega/causal-lm", "ibert/quant-seqcls")
 BY_DESIGN = {"generator_commit"}
 
 
@@ -47,16 +48,18 @@ def files(case_dir: str) -> set[str]:
 def test_regenerated_case_equals_stored(regenerated, case):
     stored_dir, new_dir = os.path.join(GOLDEN, case), os.path.join(regenerated, case)
     assert files(new_dir) == files(stored_dir)
-    for rel in sorted(files(stored_dir) - {"golden.safetensors"}):
+    recorded = {"golden.safetensors", "grad.safetensors"}  # the files that name their generator commit
+    for rel in sorted(files(stored_dir) - recorded):
         with open(os.path.join(stored_dir, rel), "rb") as a, open(os.path.join(new_dir, rel), "rb") as b:
             assert a.read() == b.read(), f"{case}/{rel} differs from a fresh make_golden run"
-    stored, stored_meta = read_safetensors(os.path.join(stored_dir, "golden.safetensors"))
-    new, new_meta = read_safetensors(os.path.join(new_dir, "golden.safetensors"))
-    assert new_meta.get("generator_commit"), "make_golden records the generator's commit"
-    assert {k: v for k, v in stored_meta.items() if k not in BY_DESIGN} == \
-        {k: v for k, v in new_meta.items() if k not in BY_DESIGN}
-    assert sorted(stored) == sorted(new)
-    for key in stored:
-        a, b = np.asarray(stored[key]), np.asarray(new[key])
-        assert (a.dtype, a.shape) == (b.dtype, b.shape), key
-        assert a.tobytes() == b.tobytes(), f"{case}: tensor {key} differs from a fresh make_golden run"
+    for rel in sorted(files(stored_dir) & recorded):
+        stored, stored_meta = read_safetensors(os.path.join(stored_dir, rel))
+        new, new_meta = read_safetensors(os.path.join(new_dir, rel))
+        assert new_meta.get("generator_commit"), "make_golden records the generator's commit"
+        assert {k: v for k, v in stored_meta.items() if k not in BY_DESIGN} == \
+            {k: v for k, v in new_meta.items() if k not in BY_DESIGN}
+        assert sorted(stored) == sorted(new)
+        for key in stored:
+            a, b = np.asarray(stored[key]), np.asarray(new[key])
+            assert (a.dtype, a.shape) == (b.dtype, b.shape), key
+            assert a.tobytes() == b.tobytes(), f"{case}/{rel}: tensor {key} differs from a fresh make_golden run"
