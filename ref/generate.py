@@ -79,10 +79,12 @@ def prompt_positions(attention_mask: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("forward", "init_cache", "config", "max_new_tokens", "sampling",
                                              "eos_token_id", "pad_token_id", "return_logits", "fast",
-                                             "takes_position_ids"))
+                                             "takes_position_ids", "unstack_layers"))
 def _generate(params, input_ids, attention_mask, key, *, forward: Callable, init_cache: Callable, config: Any,
               max_new_tokens: int, sampling: Sampling, eos_token_id: int | tuple[int, ...] | None, pad_token_id: int,
-              return_logits: bool, fast: bool, takes_position_ids: bool):
+              return_logits: bool, fast: bool, takes_position_ids: bool, unstack_layers: Callable | None):
+    if unstack_layers is not None:  # per-layer buffers, sliced once here, before the decode loop
+        params = unstack_layers(params)
     B, T0 = input_ids.shape
     total = T0 + max_new_tokens
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
@@ -133,7 +135,8 @@ def _generate(params, input_ids, attention_mask, key, *, forward: Callable, init
 def generate(forward: Callable, init_cache: Callable, params, config, input_ids, attention_mask=None, *,
              max_new_tokens: int, sampling: Sampling = Sampling(), eos_token_id: int | tuple[int, ...] | None = None,
              pad_token_id: int | None = None, key: jax.Array | None = None, max_positions: int | None = None,
-             return_logits: bool = False, fast: bool = False, takes_position_ids: bool = True):
+             return_logits: bool = False, fast: bool = False, takes_position_ids: bool = True,
+             unstack_layers: Callable | None = None):
     """Decode up to `max_new_tokens` after left-padded prompts [B, T0].
 
     Returns sequences [B, T0 + n] (prompt + new tokens, n <= max_new_tokens: shorter when
@@ -141,6 +144,11 @@ def generate(forward: Callable, init_cache: Callable, params, config, input_ids,
     [B, n, V] that chose each new token. `fast` selects the fast attention path.
     `takes_position_ids=False` is for families whose HF forward has no position ids
     (RoFormer, MEGA): `forward` is then called without them.
+    `unstack_layers` (the family's): run the decode loop on per-layer weights, sliced out of
+    the stack once per call. On CPU, XLA copies a scanned layer's weights out of the stack
+    before its matmuls, so a stacked decode step reads every weight three times (read, write,
+    read) instead of once; the sliced copy costs one extra copy of the layer weights in memory
+    while `generate` runs (see `FamilyOps.generate` for when it is used). Same results.
     """
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2 or 0 in input_ids.shape:
@@ -170,7 +178,7 @@ def generate(forward: Callable, init_cache: Callable, params, config, input_ids,
     sequences, steps, step_logits = _generate(
         params, input_ids, attention_mask, key, forward=forward, init_cache=init_cache, config=config,
         max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        return_logits=return_logits, fast=fast, takes_position_ids=takes_position_ids)
+        return_logits=return_logits, fast=fast, takes_position_ids=takes_position_ids, unstack_layers=unstack_layers)
     n = int(steps)
     sequences = sequences[:, : input_ids.shape[1] + n]
     return (sequences, step_logits[:, :n]) if return_logits else sequences

@@ -22,7 +22,10 @@ import jax.numpy as jnp
 
 
 def unstack(layers: Any) -> tuple:
-    """A stacked layer tree ([L, ...] leaves) -> a tuple of L per-layer trees."""
+    """A stacked layer tree ([L, ...] leaves) -> a tuple of L per-layer trees (a tuple is
+    returned as it is)."""
+    if isinstance(layers, tuple):
+        return layers
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))
 

@@ -134,16 +134,31 @@ def test_unstacked_layers_give_the_same_outputs(case):
                     assert _rel_err(a, b, None) <= 1e-6, name
 
 
-@pytest.mark.parametrize("case", ["gpt2/lm", "arcee/causal-lm"])
+@pytest.mark.parametrize("case", ["gpt2/lm", "arcee/causal-lm", "roformer/causal-lm", "mega/causal-lm"])
 def test_unstacked_generation_equals_stacked(case):
+    """generate on per-layer buffers (the default for a small model, `unstack=True`, or
+    params passed unstacked) gives the stacked decode's tokens exactly and its step logits
+    within 1e-6 of their scale."""
     ckpt = load_checkpoint(os.path.join(GOLDEN, case), dtype=jnp.float32)
     golden, _ = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
     family = FAMILIES[ckpt.family]
     prompt, mask = golden["generate.input_ids"], golden["generate.attention_mask"]
-    for fast in (False, True):
-        seqs, logits = family.generate(family.unstack_layers(ckpt.params), ckpt.config, prompt, mask,
-                                       max_new_tokens=10, return_logits=True, fast=fast)
+    assert family._unstack(ckpt.params, None) and not family._unstack(ckpt.params, False)
+    for fast in (False, True) if ckpt.family != "mega" else (False,):  # MEGA has no fast attention path
         ref_seqs, ref_logits = family.generate(ckpt.params, ckpt.config, prompt, mask, max_new_tokens=10,
-                                               return_logits=True, fast=fast)
-        np.testing.assert_array_equal(np.asarray(seqs), np.asarray(ref_seqs))
-        assert _rel_err(logits, ref_logits, None) <= 1e-6
+                                               return_logits=True, fast=fast, unstack=False)
+        for params, unstack in ((ckpt.params, None), (family.unstack_layers(ckpt.params), False)):
+            seqs, logits = family.generate(params, ckpt.config, prompt, mask, max_new_tokens=10, return_logits=True,
+                                           fast=fast, unstack=unstack)
+            np.testing.assert_array_equal(np.asarray(seqs), np.asarray(ref_seqs))
+            assert _rel_err(logits, ref_logits, None) <= 1e-6
+
+
+def test_generate_keeps_a_big_stack(monkeypatch):
+    """Above UNSTACK_MAX_BYTES generate does not copy the layer weights unless asked."""
+    from refjax.tooling import families
+
+    ckpt = load_checkpoint(os.path.join(GOLDEN, "gpt2/lm"), dtype=jnp.float32)
+    family = FAMILIES["gpt2"]
+    monkeypatch.setattr(families, "UNSTACK_MAX_BYTES", 1000)
+    assert not family._unstack(ckpt.params, None) and family._unstack(ckpt.params, True)
