@@ -1,5 +1,5 @@
 """Shared helpers for the GPT-2 property tests: small random configs, random params,
-golden loading, a jitted forward, and the tolerance convention of ref/verify.py.
+a jitted forward, and the tolerance convention of ref/verify.py.
 
 Tolerances (relative, as ref.verify: max|a - b| <= tol * max(max|b|, 1)):
     FP32_TOL = 1e-5, FP64_TOL = 1e-12.
@@ -9,18 +9,13 @@ from __future__ import annotations
 
 from numerics import assert_close, rel_err  # noqa: F401  (re-exported to the tests)
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
-from conftest import GOLDEN
 from refjax.params import gpt2 as gpt2_params
-from refjax.params.checkpoint import load_checkpoint
 from refjax.params.gpt2 import parse_gpt2_config
-from refjax.params.io import read_safetensors
 from refjax import gpt2
 
 FP32_TOL = 1e-5
@@ -117,13 +112,6 @@ def left_padded_mask(lengths, total: int) -> np.ndarray:
     for b, n in enumerate(lengths):
         mask[b, total - n:] = 1
     return mask
-
-
-def load_golden(case: str, dtype=jnp.float32):
-    """(checkpoint, golden tensors dict) of golden/gpt2/<case>."""
-    case_dir = os.path.join(GOLDEN, "gpt2", case)
-    golden, _ = read_safetensors(os.path.join(case_dir, "golden.safetensors"))
-    return load_checkpoint(case_dir, dtype=dtype), golden
 
 
 def count_gpt2_params(config) -> int:
