@@ -151,6 +151,11 @@ def machine_limits(repeats: int) -> dict:
         "torch": flops / best_time(lambda: ta @ ta, repeats) / 1e9,
         "jax": flops / best_time(lambda: jmm(ja).block_until_ready(), repeats) / 1e9,
     }
+    tb, jb = ta.to(torch.bfloat16), ja.astype(jnp.bfloat16)
+    bf16 = {
+        "torch": flops / best_time(lambda: tb @ tb, repeats) / 1e9,
+        "jax": flops / best_time(lambda: jmm(jb).block_until_ready(), repeats) / 1e9,
+    }
     big = np.ones(256 * 2**20 // 4, np.float32)  # 256 MiB, far beyond the caches
     tbig, jbig = torch.from_numpy(big), jnp.asarray(big)
     jsum = jax.jit(jnp.sum)
@@ -160,6 +165,7 @@ def machine_limits(repeats: int) -> dict:
         "jax": big.nbytes / best_time(lambda: jsum(jbig).block_until_ready(), repeats) / 1e9,
     }
     return {"matmul_gflops": max(gflops.values()), "matmul_by": gflops,
+            "bf16_matmul_gflops": max(bf16.values()), "bf16_matmul_by": bf16,
             "read_gbps": max(bandwidth.values()), "read_by": bandwidth}
 
 
@@ -256,7 +262,7 @@ def bench_family(name: str, family: str, raw: dict, shapes: list[tuple[int, int]
         hf_models[attn], config, params = hf_and_refjax(family, raw, attn)
         hf_models[attn] = hf_models[attn].to(dev.torch)
     config = dataclasses.replace(config, eos_token_id=None)  # decode exactly `new` tokens
-    wbytes = weight_bytes(params)
+    wbytes = weight_bytes(params)  # fp32
     layers = getattr(config, "n_layer", None) or config.num_hidden_layers
     width = getattr(config, "n_embd", None) or config.hidden_size
     # parameters used as matmul weights: all but the lookup tables, plus a tied LM head
@@ -267,46 +273,54 @@ def bench_family(name: str, family: str, raw: dict, shapes: list[tuple[int, int]
         matmul_params += config.vocab_size * width
 
     forward = jax.jit(ops.forward, static_argnames=("config", "fast"))
-    unstacked = ops.unstack_layers(params)  # layers as a tuple: no per-step weight copies (ref/layers.py)
-    for batch, seq in shapes:
-        ids = np.random.default_rng(1).integers(0, config.vocab_size, (batch, seq))
-        if (batch, seq) == shapes[0]:
-            prompt_ids = ids[:1, :prompt]
-        tids = dev.tensor(ids)
-        jids = jnp.asarray(ids, jnp.int32)
-        flops = forward_flops(matmul_params, batch * seq, layers, width, seq)
-        times = best_times_interleaved({
-            "refjax (readable)": lambda: forward(params, config, jids).logits.block_until_ready(),
-            "refjax (fast)": lambda: forward(params, config, jids, fast=True).logits.block_until_ready(),
-            "refjax (fast, unstacked)": lambda: forward(unstacked, config, jids,
-                                                        fast=True).logits.block_until_ready(),
-            "HF eager": lambda: hf_models["eager"](tids).logits,
-            "HF sdpa": lambda: hf_models["sdpa"](tids).logits,
-        }, repeats, dev.sync)
-        for label, t in times.items():
-            rows.append({"model": name, "task": f"forward fp32 {batch}x{seq}", "impl": label, "seconds": t,
-                         "throughput": batch * seq / t, "unit": "tok/s",
-                         "of_limit": flops / t / 1e9 / limits["matmul_gflops"]})
-        if dev.gpu:
-            dev.cuda.empty_cache()  # the big batch's activations, before the next stage
+    for dtype in ("fp32", "bf16") if not dev.gpu else ("fp32",):
+        if dtype == "bf16":  # weights and compute in bf16 on both sides (HF: model.to(bfloat16)); sdpa only
+            import torch
 
-    tprompt = dev.tensor(prompt_ids)
-    roofline = wbytes / (limits["read_gbps"] * 1e9)  # seconds per token if weights are read once per token
-    times = best_times_interleaved({
-        "refjax (readable)": lambda: np.asarray(ops.generate(params, config, prompt_ids, max_new_tokens=new)),
-        "refjax (fast)": lambda: np.asarray(ops.generate(params, config, prompt_ids, max_new_tokens=new, fast=True)),
-        "refjax (fast, unstacked)": lambda: np.asarray(ops.generate(unstacked, config, prompt_ids, max_new_tokens=new,
-                                                                    fast=True)),
-        "HF eager": lambda: hf_models["eager"].generate(tprompt, max_new_tokens=new, min_new_tokens=new,
-                                                        do_sample=False, pad_token_id=0),
-        "HF sdpa": lambda: hf_models["sdpa"].generate(tprompt, max_new_tokens=new, min_new_tokens=new,
-                                                      do_sample=False, pad_token_id=0),
-    }, repeats, dev.sync)
-    for label, t in times.items():
-        per_token = t / new
-        rows.append({"model": name, "task": f"greedy decode b1 p{prompt}+{new}", "impl": label, "seconds": t,
-                     "throughput": new / t, "unit": "tok/s", "ms_per_token": per_token * 1e3,
-                     "of_limit": roofline / per_token})
+            params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+            hf_models = {"sdpa": hf_models["sdpa"].to(torch.bfloat16)}
+        peak = limits["bf16_matmul_gflops" if dtype == "bf16" else "matmul_gflops"]
+        unstacked = ops.unstack_layers(params)  # layers as a tuple: no per-step weight copies (ref/layers.py)
+        for batch, seq in shapes:
+            ids = np.random.default_rng(1).integers(0, config.vocab_size, (batch, seq))
+            if (batch, seq) == shapes[0]:
+                prompt_ids = ids[:1, :prompt]
+            tids = dev.tensor(ids)
+            jids = jnp.asarray(ids, jnp.int32)
+            flops = forward_flops(matmul_params, batch * seq, layers, width, seq)
+            fns = {
+                "refjax (default)": lambda: forward(params, config, jids).logits.block_until_ready(),
+                "refjax (fast)": lambda: forward(params, config, jids, fast=True).logits.block_until_ready(),
+                "refjax (fast, unstacked)": lambda: forward(unstacked, config, jids,
+                                                            fast=True).logits.block_until_ready(),
+            }
+            fns.update({f"HF {attn}": (lambda m=m: m(tids).logits) for attn, m in hf_models.items()})
+            times = best_times_interleaved(fns, repeats, dev.sync)
+            for label, t in times.items():
+                rows.append({"model": name, "task": f"forward {dtype} {batch}x{seq}", "impl": label, "seconds": t,
+                             "throughput": batch * seq / t, "unit": "tok/s", "of_limit": flops / t / 1e9 / peak})
+            if dev.gpu:
+                dev.cuda.empty_cache()  # the big batch's activations, before the next stage
+
+        tprompt = dev.tensor(prompt_ids)
+        # seconds per token if weights are read once per token
+        roofline = weight_bytes(params) / (limits["read_gbps"] * 1e9)
+        fns = {  # `generate` decodes on per-layer weights by default (ref/tooling/families.py)
+            "refjax (default)": lambda: np.asarray(ops.generate(params, config, prompt_ids, max_new_tokens=new)),
+            "refjax (stacked)": lambda: np.asarray(ops.generate(params, config, prompt_ids, max_new_tokens=new,
+                                                                unstack=False)),
+            "refjax (fast)": lambda: np.asarray(ops.generate(params, config, prompt_ids, max_new_tokens=new,
+                                                             fast=True)),
+        }
+        fns.update({f"HF {attn}": (lambda m=m: m.generate(tprompt, max_new_tokens=new, min_new_tokens=new,
+                                                          do_sample=False, pad_token_id=0))
+                    for attn, m in hf_models.items()})
+        times = best_times_interleaved(fns, repeats, dev.sync)
+        for label, t in times.items():
+            per_token = t / new
+            rows.append({"model": name, "task": f"greedy decode {dtype} b1 p{prompt}+{new}", "impl": label,
+                         "seconds": t, "throughput": new / t, "unit": "tok/s", "ms_per_token": per_token * 1e3,
+                         "of_limit": roofline / per_token})
     return rows
 
 
@@ -347,6 +361,19 @@ def validation_cost(raw: dict, repeats: int) -> dict:
 # --------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------
+
+
+def cpu_flags() -> str:
+    """The CPU's vector and matrix extensions that decide matmul speed (from /proc/cpuinfo)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                keep = [f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma", "avx_vnni")]
+                return " ".join(sorted(keep)) or "none of avx2/avx512/amx"
+    except OSError:
+        pass
+    return "unknown"
 
 
 def cpu_name() -> str:
@@ -393,9 +420,12 @@ def gpu_info(dev: Device) -> dict:
 def machine_lines(limits, threads, versions, dev: Device, info: dict | None, repeats: int | None) -> list[str]:
     if not dev.gpu:
         return [f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores; torch threads {threads}; no GPU used",
+                f"- CPU flags (matmul-relevant): {cpu_flags()}",
                 "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
                 f"- Measured fp32 matmul peak: {limits['matmul_gflops']:.1f} GFLOP/s (2048^3; "
                 + ", ".join(f"{k} {v:.1f}" for k, v in limits["matmul_by"].items()) + ")",
+                f"- Measured bf16 matmul peak: {limits['bf16_matmul_gflops']:.1f} GFLOP/s (2048^3; "
+                + ", ".join(f"{k} {v:.1f}" for k, v in limits["bf16_matmul_by"].items()) + ")",
                 f"- Measured memory read bandwidth: {limits['read_gbps']:.1f} GB/s (sum of 256 MiB; "
                 + ", ".join(f"{k} {v:.1f}" for k, v in limits["read_by"].items()) + ")"]
     n, copy_mib = limits["matmul_n"], limits["copy_bytes"] / 2**20
@@ -457,10 +487,13 @@ def report(limits, rows, compiles, validation, threads, versions, dev: Device = 
                       "per token when decoding; the rows above show what it does on this GPU.", ""]
         else:
             lines += ["", "Layers are stacked and run with `lax.scan`, so compile time does not grow with depth.",
-                      "\"unstacked\" rows use `unstack_layers` (a tuple of per-layer weights, a Python loop): XLA's "
-                      "CPU backend copies each scanned layer's weights out of the stack before its matmuls, once per "
-                      "token when decoding; unstacked layers read their own buffers instead (compile time then grows "
-                      "with depth).", ""]
+                      "XLA's CPU backend copies each scanned layer's weights out of the stack before its matmuls, "
+                      "once per token when decoding. So `generate` by default slices the layers into per-layer "
+                      "buffers once per call (for params up to 4 GiB; `unstack=False` keeps the stack: the "
+                      "\"stacked\" rows), and \"unstacked\" forward rows use `unstack_layers` (a tuple of "
+                      "per-layer weights, a Python loop; compile time then grows with depth). \"default\" rows "
+                      "are what a user gets without options; \"fast\" adds `fast=True` "
+                      "(`jax.nn.dot_product_attention`, no attention probabilities).", ""]
     if validation is not None:
         lines += ["## Input validation", "",
                   f"Checking an 8 x 128 batch (shapes, id ranges) costs {validation['seconds'] * 1e6:.0f} us per "
