@@ -463,11 +463,21 @@ def _read_part(part: Any, index: tuple) -> np.ndarray:
 def sharded_leaf(parts: list, keys: list[str], rule: NameRule, shape: tuple[int, ...], dtype, sharding) -> jax.Array:
     """One leaf placed on a mesh straight from the checkpoint: each addressable device's
     callback reads only its slice of the HF tensor(s) (through the transpose, per layer of a
-    stack), checks it and casts it; nothing else of the tensor is read in this process."""
+    stack), checks it and casts it; nothing else of the tensor is read in this process, and
+    a slice several of its devices hold is read once."""
     stacked = "{i}" in rule.hf
+    # JAX calls back once per addressable device; devices holding the same slice (replicas
+    # along another mesh axis) get the one read, so each distinct slice is read once here.
+    read: dict[tuple, np.ndarray] = {}
 
     def shard(index: tuple) -> np.ndarray:
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        key = tuple(sl.indices(n) for sl, n in zip(index, shape))
+        if key not in read:
+            read[key] = read_shard(index)
+        return read[key]
+
+    def read_shard(index: tuple) -> np.ndarray:
         layers = range(*index[0].indices(shape[0])) if stacked else [None]
         inner = index[1:] if stacked else index
         hf_index = inner[:-2] + (inner[-1], inner[-2]) if rule.transpose else inner
