@@ -84,8 +84,8 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, dtype: Any = None, revisi
     family, config, raw = load_config(checkpoint_dir)
     module = FAMILIES[family].module
     tensors = io.read_checkpoint_tensors(checkpoint_dir, lazy=True)
-    if hasattr(module, "computed_tensors"):  # buffers HF recomputes when a checkpoint lacks them (RoFormer)
-        tensors = {**tensors, **module.computed_tensors(config, tensors.keys())}
+    if hasattr(module, "computed_tensors"):  # tensors HF recomputes or reads elsewhere (RoFormer)
+        tensors = {**tensors, **module.computed_tensors(config, tensors)}
     skeleton = module.skeleton(config)
     shardings = None
     if mesh is not None:

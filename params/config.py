@@ -204,6 +204,15 @@ def _family_architecture(raw: Mapping[str, Any], family: str, architecture: str 
     return architecture
 
 
+def writer_major(raw: Mapping[str, Any]) -> int | None:
+    """Major version of the transformers that wrote config.json (`transformers_version`, e.g.
+    "5.25.0" -> 5); None when the key is absent or not a version. Read where HF's own
+    computation changed between majors (GPT-2's pad queries: params/gpt2.py)."""
+    version = raw.get("transformers_version")
+    head = version.split(".", 1)[0] if isinstance(version, str) else ""
+    return int(head) if head.isdigit() else None
+
+
 def _common(fields: _Fields) -> dict[str, Any]:
     """Fields every PretrainedConfig has that change outputs: labels and problem type."""
     raw = fields.raw

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from refjax.params.common import Embedding, LayerNorm, Linear
-from refjax.params.config import ACTIVATIONS, SUMMARY_TYPES, ConfigError, _common, _family_architecture, _Fields
+from refjax.params.config import (ACTIVATIONS, SUMMARY_TYPES, ConfigError, _common, _family_architecture, _Fields,
+                                  writer_major)
 from refjax.params.io import NameRule
 
 
@@ -65,6 +66,13 @@ class GPT2Config:
     summary_first_dropout: float = 0.1  # multiple_choice_head.first_dropout (GPT2DoubleHeadsModel)
     summary_last_dropout: float = 0.0  # multiple_choice_head.last_dropout (HF: Identity unless the key is set)
     classifier_dropout: float | None = None  # GPT2ForTokenClassification's dropout (None: 0.1, as HF)
+    # How eager attention fills a future key's score (ref/attention.py: FUTURE_NEG_INF, FUTURE_FINFO_MIN).
+    # transformers 4.x's GPT-2 masks the future with a `where` and adds the padding mask, so a query that
+    # sees no real key (a left-pad position) attends uniformly to its past; 5.x adds one finfo.min mask
+    # for pad and future alike, so it attends uniformly to every key (real positions are unaffected).
+    # Parsed from config.json's transformers_version: 5 or later -> "finfo.min" (refjax runs a config as
+    # the transformers that wrote it does; golden gpt2/v5-lm, docs/design.md "transformers v5").
+    future_fill: str = "-inf"
 
     @property
     def head_dim(self) -> int:
@@ -156,6 +164,7 @@ def parse_gpt2_config(raw: Mapping[str, Any], architecture: str | None = None) -
         summary_first_dropout=f.probability("summary_first_dropout", 0.1),
         summary_last_dropout=f.probability("summary_last_dropout", 0.0),  # GPT2Config has no such default
         classifier_dropout=f.probability("classifier_dropout", None, optional=True),
+        future_fill="finfo.min" if (writer_major(raw) or 0) >= 5 else "-inf",
         **{**_common(f), **({"num_labels": 1} if architecture == "GPT2DoubleHeadsModel" else {})},
     )
     f.check_all_used(GPT2_IGNORED)

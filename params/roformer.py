@@ -350,7 +350,8 @@ def name_rules(config: RoFormerConfig) -> list[NameRule]:
 def dropped_keys(config: RoFormerConfig) -> dict[str, str]:
     """Checkpoint keys (regex) that real files may hold but we do not load."""
     dropped = {
-        r"cls\.predictions\.decoder\.bias": "the same tensor as cls.predictions.bias (HF ties them)",
+        r"cls\.predictions\.decoder\.bias": "4.x: the same tensor as cls.predictions.bias (HF ties them); 5.x untied: "
+                                        "its own bias, read in that one's place (computed_tensors)",
         r"(roformer\.)?pooler\..*": "converted TF checkpoints carry a BERT pooler; HF's RoFormerModel has none and "
                                     "ignores it",
     }
@@ -375,12 +376,23 @@ def sinusoidal_table(num_positions: int, dim: int) -> np.ndarray:
     return out
 
 
-def computed_tensors(config: RoFormerConfig, keys) -> dict[str, np.ndarray]:
-    """Tensors HF computes when a checkpoint lacks them: the sinusoidal table (from_pretrained
-    re-runs `_init_weight` for a missing `embed_positions.weight`). `keys`: the checkpoint's keys."""
+def computed_tensors(config: RoFormerConfig, tensors) -> dict[str, np.ndarray]:
+    """Tensors HF's from_pretrained ends up with where the file lacks them or says otherwise
+    (`tensors`: the checkpoint's, name -> tensor):
+
+    - the sinusoidal table, when missing (from_pretrained re-runs `_init_weight` for it);
+    - with an untied decoder, `cls.predictions.decoder.bias` in place of `cls.predictions.bias`
+      when the file has it: transformers 5.x ties the two only with tie_word_embeddings, so an
+      untied model has two biases, saves both and adds only the decoder's (golden
+      roformer/v5-mlm-untied). 4.x shares one tensor and writes `cls.predictions.bias` alone
+      (or both, equal, in old .bin files), so this changes nothing for 4.x files.
+    """
+    out = {}
+    if not config.tie_word_embeddings and "cls.predictions.decoder.bias" in tensors:
+        out["cls.predictions.bias"] = tensors["cls.predictions.decoder.bias"]
     table_key = "encoder.embed_positions.weight"
-    if any(k.endswith(table_key) for k in keys):
-        return {}
-    prefixed = base_prefix(config) and any(k.startswith(base_prefix(config)) for k in keys)
+    if any(k.endswith(table_key) for k in tensors):
+        return out
+    prefixed = base_prefix(config) and any(k.startswith(base_prefix(config)) for k in tensors)
     name = (base_prefix(config) if prefixed else "") + table_key
-    return {name: sinusoidal_table(config.max_position_embeddings, config.head_dim)}
+    return {**out, name: sinusoidal_table(config.max_position_embeddings, config.head_dim)}

@@ -46,8 +46,8 @@ def mask_for(attention_mask: jax.Array | None, batch: int, length: int, cache=No
 
 
 # How HF's eager attention fills a *future* key's score (a named choice per family):
-FUTURE_NEG_INF = "-inf"  # GPT-2: causal `where(.., finfo.min)` plus the additive mask overflows to -inf
-FUTURE_FINFO_MIN = "finfo.min"  # Llama-style (Arcee): one additive mask, finfo.min for pad and future alike
+FUTURE_NEG_INF = "-inf"  # GPT-2 (4.x): causal `where(.., finfo.min)` plus the additive mask overflows to -inf
+FUTURE_FINFO_MIN = "finfo.min"  # Arcee, RoFormer, GPT-2 in 5.x: one additive mask, finfo.min for pad and future alike
 
 
 def mask_scores(scores: jax.Array, key_valid: jax.Array, causal: jax.Array | None,

@@ -64,8 +64,12 @@ def attention(p: GPT2Attention, config: GPT2Config, x: Float[Array, "B T D"], ma
         context, probs = attn_lib.fast_attention(q, k, v, mask.key_valid, mask.causal, scale), None
     else:
         score_dtype = nn.accum_dtype(x.dtype) if config.reorder_and_upcast_attn else None
+        # a v5-written config: one finfo.min mask for pad and future keys (params/gpt2.py: future_fill);
+        # unfilled cache slots then need their own -inf (`filled`), as for Arcee
+        v5_mask = config.future_fill == attn_lib.FUTURE_FINFO_MIN
         context, probs, _ = attn_lib.softmax_attention(
-            q, k, v, mask.key_valid, mask.causal, scale, score_dtype, scores_hook=lambda s: probe("attn.scores", s),
+            q, k, v, mask.key_valid, mask.causal, scale, score_dtype, future_fill=config.future_fill,
+            filled=mask.filled if v5_mask else None, scores_hook=lambda s: probe("attn.scores", s),
             probs_hook=lambda w: probe("attn.probs", probe.dropout("attn.attn_dropout", w, config.attn_pdrop)))
     context = probe("attn.context", context)
     out = probe("attn.c_proj", nn.linear(p.c_proj, context.reshape(B, T, D)))

@@ -223,6 +223,10 @@ def build(lib, name: str, v: Variant, case_dir: Path):
     notes = ("positions are 0..T-1 for every row (HF RoFormer has no position_ids; left padding shifts a row); the "
              "sinusoidal table encoder.embed_positions.weight is stored in the checkpoint, float32-rounded values "
              "even in the float64 run")
+    if int(transformers.__version__.split(".")[0]) >= 5 and not cfg.tie_word_embeddings:  # --v5 (V5_CASES)
+        notes += ("; transformers 5.x ties cls.predictions.decoder.bias to cls.predictions.bias only with "
+                  "tie_word_embeddings: untied, the decoder has its own bias (drawn by reinit after the others), "
+                  "saved beside cls.predictions.bias, and only it reaches the logits")
     metadata = {"case": name, "family": FAMILY, "architecture": v.architecture,
                 "transformers": transformers.__version__, "torch": torch.__version__,
                 "description": v.description, "notes": notes, **meta_extra}

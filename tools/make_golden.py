@@ -3,6 +3,7 @@
 
 Usage:
     python tools/make_golden.py [--out golden] [--only PATTERN ...]
+    /tmp/v5venv/bin/python tools/make_golden.py --v5 [--out golden] [--only PATTERN ...]
 
 Every case builds a small, seeded, randomly initialised Hugging Face model, saves it
 in real HF format (config.json + model.safetensors, tokenizer files where the case
@@ -16,6 +17,12 @@ The output is deterministic: running the script twice gives byte-identical files
 commit; the reference tier regenerates a sample of cases and compares them with the stored
 ones: tests/test_reference_golden.py).
 It needs the pinned reference stack (torch 2.13.0, transformers 4.57.6).
+
+``--v5`` builds instead the few cases of ``V5_CASES`` (``<family>/v5-<case>``) with a
+transformers 5.x install (a separate venv with torch 2.13.0, see docs/design.md): each is
+its 4.57.6 twin's variant, seed and inputs, built, saved and run by v5, so its config.json
+is v5's own. A v5 run never touches the 4.57.6 cases and keeps MANIFEST.json's global
+``generator`` (the 4.57.6 stack); each v5 case entry records its own versions instead.
 
 Adding a family: write a table of variants and a builder ``build(name, variant,
 case_dir) -> CaseInfo`` that writes the case files into ``case_dir``, then register
@@ -54,8 +61,9 @@ SCRIPT = "tools/make_golden.py"
 DTYPES = ("float32", "float64")
 
 
-def check_versions() -> None:
-    """Exit with a clear message unless the pinned reference stack is installed."""
+def check_versions(v5: bool = False) -> None:
+    """Exit with a clear message unless the pinned reference stack is installed
+    (``v5``: torch 2.13.0 with any transformers 5.x, for the V5_CASES)."""
     try:
         import torch
         import transformers
@@ -63,7 +71,10 @@ def check_versions() -> None:
         sys.exit(f"make_golden: needs torch=={REQUIRED_TORCH} and transformers=={REQUIRED_TRANSFORMERS} "
                  f"(pip install '.[reference]'): {e}")
     problems = []
-    if transformers.__version__ != REQUIRED_TRANSFORMERS:
+    if v5:
+        if transformers.__version__.split(".")[0] != "5":
+            problems.append(f"transformers 5.x for --v5 (found {transformers.__version__})")
+    elif transformers.__version__ != REQUIRED_TRANSFORMERS:
         problems.append(f"transformers=={REQUIRED_TRANSFORMERS} (found {transformers.__version__})")
     if not torch.__version__.startswith(REQUIRED_TORCH):
         problems.append(f"torch=={REQUIRED_TORCH} (found {torch.__version__})")
@@ -91,8 +102,9 @@ class CaseInfo:
 
 
 def case_seed(name: str) -> int:
-    """A stable per-case seed (Python's hash() is salted per process; crc32 is not)."""
-    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+    """A stable per-case seed (Python's hash() is salted per process; crc32 is not). A v5 case
+    (V5_CASES) takes its 4.57.6 twin's seed: same weights, same inputs, comparable outputs."""
+    return zlib.crc32(V5_CASES.get(name, name).encode()) & 0x7FFFFFFF
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -549,6 +561,14 @@ def run_generate(model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, pad: in
     }
 
 
+GPT2_V5_NOTE = (
+    "transformers 5.x: eager attention adds one finfo.min mask for pad and future keys (4.x: a causal where, then "
+    "the padding mask), so a query with no real key (a left-pad position) attends uniformly to all T keys, not "
+    "to its past; outputs at those positions differ from the 4.57.6 twin's, and so does a loss that reads them "
+    "(the last left-pad position predicts the first real token); refjax reads transformers_version >= 5 in "
+    "config.json as this mask (params/gpt2.py: future_fill)")
+
+
 def build_gpt2(name: str, v: GPT2Variant, case_dir: Path) -> CaseInfo:
     """Build, save and record one GPT-2 case into case_dir."""
     import torch
@@ -579,6 +599,8 @@ def build_gpt2(name: str, v: GPT2Variant, case_dir: Path) -> CaseInfo:
             del inputs["mc_labels"]
             notes.append(f"mc_labels dropped: HF raises {type(e).__name__}: {e}")
 
+    if int(transformers.__version__.split(".")[0]) >= 5:  # --v5 (V5_CASES): what differs from the 4.57.6 twin
+        notes.append(GPT2_V5_NOTE)
     record: dict[str, np.ndarray] = dict(inputs)
     meta_extra: dict[str, str] = {}
     if v.tokenizer:
@@ -1091,6 +1113,35 @@ def register_family_modules() -> None:
         importlib.import_module(module_name).register(sys.modules[__name__])
 
 
+# Cases made by transformers 5.x itself (--v5), each -> its 4.57.6 twin: the twin's variant and
+# builder, run under the v5 name with the twin's seed (case_seed), so the weights and inputs are
+# the twin's and tests/test_golden_v5.py compares the two. MEGA was removed in v5. With 5.25.0 the
+# outputs equal the twin's bit for bit except where v5 computes otherwise (GPT2_V5_NOTE; RoFormer's
+# untied decoder bias, tools/golden_roformer.py).
+V5_CASES: dict[str, str] = {
+    "gpt2/v5-lm": "gpt2/lm",                          # v5's one-mask eager attention; v5's tokenizer.json
+    "arcee/v5-causal-lm": "arcee/causal-lm",          # rope_parameters (default); v5's float64 NaN, declared
+    "arcee/v5-rope-yarn": "arcee/rope-yarn",          # rope_parameters yarn
+    "arcee/v5-rope-longrope": "arcee/rope-longrope",  # rope_parameters longrope (original context moved in)
+    "roformer/v5-mlm": "roformer/mlm",
+    "roformer/v5-mlm-untied": "roformer/mlm-untied",  # v5 saves and uses cls.predictions.decoder.bias
+    "ibert/v5-seqcls": "ibert/seqcls",                # float mode
+    "ibert/v5-quant-seqcls": "ibert/quant-seqcls",    # quant mode, calibrated in train mode
+}
+
+
+def register_v5() -> None:
+    """Replace CASES by V5_CASES: each v5 case runs its twin's builder (a functools.partial
+    whose one argument equal to the twin's name becomes the v5 name)."""
+    twins = dict(CASES)
+    CASES.clear()
+    for name, twin in V5_CASES.items():
+        f = twins[twin]
+        if sum(a == twin for a in f.args) != 1:
+            raise RuntimeError(f"{twin}: cannot find the case name among its builder's arguments")
+        CASES[name] = functools.partial(f.func, *[name if a == twin else a for a in f.args], **f.keywords)
+
+
 # --------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------
@@ -1140,8 +1191,10 @@ def build_case(name: str, out: Path) -> CaseInfo:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_manifest(out: Path, built: dict[str, CaseInfo]) -> None:
-    """Update MANIFEST.json: generator versions, case entries, sha256 of every file on disk."""
+def write_manifest(out: Path, built: dict[str, CaseInfo | dict], v5: bool = False) -> None:
+    """Update MANIFEST.json: generator versions, case entries, sha256 of every file on disk.
+    Cases already listed (whose directories exist) are kept, so a --v5 run and a 4.57.6 run
+    each keep the other's cases; ``v5`` keeps the global generator entry (the 4.57.6 stack)."""
     import fcntl
 
     # Concurrent `--only` runs each read-modify-write the manifest: hold a lock on the
@@ -1149,18 +1202,19 @@ def write_manifest(out: Path, built: dict[str, CaseInfo]) -> None:
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        _write_manifest_locked(out, out / "MANIFEST.json", built)
+        _write_manifest_locked(out, out / "MANIFEST.json", built, v5)
     finally:
         os.close(fd)
 
 
-def _write_manifest_locked(out: Path, path: Path, built: dict[str, CaseInfo]) -> None:
+def _write_manifest_locked(out: Path, path: Path, built: dict[str, CaseInfo | dict], v5: bool) -> None:
     import tokenizers
     import torch
     import transformers
 
-    cases = json.loads(path.read_text())["cases"] if path.exists() else {}
-    cases.update({name: dataclasses.asdict(info) for name, info in built.items()})
+    old = json.loads(path.read_text()) if path.exists() else {}
+    cases = old.get("cases", {})
+    cases.update({name: info if isinstance(info, dict) else dataclasses.asdict(info) for name, info in built.items()})
     cases = {name: c for name, c in cases.items() if (out / name).is_dir()}
     files = {}
     for p in sorted(out.rglob("*")):
@@ -1168,12 +1222,14 @@ def _write_manifest_locked(out: Path, path: Path, built: dict[str, CaseInfo]) ->
         if not p.is_file() or rel == "MANIFEST.json" or any(part.startswith(".") for part in p.relative_to(out).parts):
             continue
         files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    generator = {
+        "script": SCRIPT, "transformers": transformers.__version__, "torch": torch.__version__,
+        "numpy": np.__version__, "safetensors": safetensors.__version__,
+        "tokenizers": tokenizers.__version__, "python": platform.python_version(),
+    }
     manifest = {
-        "generator": {
-            "script": SCRIPT, "transformers": transformers.__version__, "torch": torch.__version__,
-            "numpy": np.__version__, "safetensors": safetensors.__version__,
-            "tokenizers": tokenizers.__version__, "python": platform.python_version(),
-        },
+        # a --v5 run keeps the 4.57.6 generator entry; its cases carry their own versions
+        "generator": old["generator"] if v5 and "generator" in old else generator,
         "cases": cases,
         "files": files,
     }
@@ -1185,9 +1241,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="golden", type=Path, help="output directory (default: golden)")
     parser.add_argument("--only", nargs="+", metavar="PATTERN",
                         help="only these cases (fnmatch patterns such as 'gpt2/lm-act-*', or a family)")
+    parser.add_argument("--v5", action="store_true",
+                        help="build the transformers 5.x cases (V5_CASES, <family>/v5-<case>) instead; run with "
+                             "a python whose transformers is 5.x")
     args = parser.parse_args(argv)
 
-    check_versions()
+    check_versions(v5=args.v5)
     import torch
     import transformers
 
@@ -1195,9 +1254,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     transformers.logging.set_verbosity_error()
+    if args.v5:  # v5 shows tqdm bars when it writes or loads weights
+        transformers.utils.logging.disable_progress_bar()
     register_gpt2()
     register_arcee()
     register_family_modules()
+    if args.v5:
+        register_v5()
 
     names = select(args.only)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -1206,9 +1269,14 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         print(f"[{i}/{len(names)}] {name} ...", end=" ", flush=True)
         built[name] = build_case(name, args.out)
+        if args.v5:  # MANIFEST's global generator is the 4.57.6 stack: a v5 case names its own
+            import tokenizers
+            built[name] = {**dataclasses.asdict(built[name]), "twin": V5_CASES[name],
+                           "transformers": transformers.__version__, "torch": torch.__version__,
+                           "tokenizers": tokenizers.__version__}
         size = sum(p.stat().st_size for p in (args.out / name).rglob("*") if p.is_file())
         print(f"ok ({time.perf_counter() - t0:.1f}s, {size / 1024:.0f} KiB)", flush=True)
-    write_manifest(args.out, built)
+    write_manifest(args.out, built, v5=args.v5)
     print(f"wrote {args.out / 'MANIFEST.json'} ({len(built)} case(s) built)")
 
 
