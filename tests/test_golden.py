@@ -1,4 +1,5 @@
-"""Golden tests: refjax against tensors recorded from HF transformers 4.57.6.
+"""Golden tests: refjax against tensors recorded from HF transformers 4.57.6 (and, for the
+`<family>/v5-<case>` cases, transformers 5.x: tests/test_golden_v5.py).
 
 Every case in golden/MANIFEST.json, every recorded output field, both dtypes. Tolerances
 are refjax.tooling.verify.TOLERANCE (float32 1e-5, float64 1e-12, relative to max|hf| with an
@@ -6,7 +7,7 @@ absolute floor of the same size; token ids exact). The stated exceptions, each a
 behaviour, are listed in that module's docstring: HF's float32 losses in float64 models,
 Arcee's and MEGA's float32 internals in float64 (compared at 1e-5), I-BERT's quantized
 tensors (exact), and the non-finite HF entries a case's metadata declares
-(`declared_nonfinite`: only arcee/causal-lm, HF's float64 NaN at a fully masked query row),
+(`declared_nonfinite`: only arcee/causal-lm and its v5 twin, HF's float64 NaN at a fully masked query row),
 which are skipped, counted and never reported ok when nothing else is compared.
 """
 
@@ -44,6 +45,13 @@ def test_manifest_matches_files():
         manifest = json.load(f)
     assert manifest["generator"]["transformers"] == "4.57.6"
     assert manifest["generator"]["torch"].startswith("2.13.0")
+    # cases made by another transformers (make_golden --v5) name theirs, and their 4.57.6 twin
+    for case, entry in manifest["cases"].items():
+        if "transformers" in entry:
+            assert entry["transformers"].startswith("5.") and "/v5-" in case, case
+            assert entry["torch"].startswith("2.13.0") and entry["twin"] in manifest["cases"], case
+        else:
+            assert "/v5-" not in case and "twin" not in entry, case
     on_disk = set()
     for folder, _, files in os.walk(GOLDEN):
         for name in files:
@@ -68,7 +76,8 @@ def test_golden_dir_is_small():
 
 def test_nonfinite_only_where_declared():
     """HF's golden tensors are finite except the entries a case's metadata declares
-    (declared_nonfinite, exact counts); exactly one case keeps HF's float64 NaN to show it."""
+    (declared_nonfinite, exact counts); exactly one case keeps HF's float64 NaN to show it (and its
+    transformers 5.x twin, which shows v5 does the same)."""
     declaring = []
     for case in CASES:
         golden, metadata = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
@@ -78,7 +87,7 @@ def test_nonfinite_only_where_declared():
         assert found == declared, f"{case}: non-finite {found}, declared {declared}"
         if declared:
             declaring.append(case)
-    assert declaring == ["arcee/causal-lm"]
+    assert declaring == ["arcee/causal-lm", "arcee/v5-causal-lm"]
 
 
 @pytest.fixture
