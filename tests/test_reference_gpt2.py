@@ -249,7 +249,10 @@ def assert_config_agrees(ours, hf_config, architecture: str) -> None:
         name = field.name
         # GPT2Config defines no summary_last_dropout / classifier_dropout unless config.json sets them;
         # HF's modules then fall back (no last dropout; 0.1): refjax's defaults say the same
-        implied = {"summary_last_dropout": 0.0, "classifier_dropout": None}
+        implied = {"summary_last_dropout": 0.0, "classifier_dropout": None,
+                   # not a config key: the mask the writing transformers uses (params/gpt2.py: future_fill);
+                   # the HF running here decides what it does, so it must be what refjax parsed
+                   "future_fill": "finfo.min" if int(transformers.__version__.split(".")[0]) >= 5 else "-inf"}
         theirs = architecture if name == "architecture" else getattr(hf_config, name, implied.get(name))
         assert getattr(ours, name) == theirs, f"config field {name}: refjax {getattr(ours, name)!r} vs HF {theirs!r}"
     assert ours.head_dim == hf_config.n_embd // hf_config.n_head
