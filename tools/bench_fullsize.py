@@ -13,7 +13,7 @@ unless `--keep`.
 Then each implementation runs in a fresh process on the same files and the same 128 random
 prompt ids, so its peak RSS is its own:
 - load: wall time of `refjax.load_checkpoint(dir)` / `from_pretrained(dir, dtype=...)`,
-  peak RSS of the process (ru_maxrss) and its growth over the RSS before loading, both as a
+  peak RSS of the process (VmHWM) and its growth over the RSS before loading, both as a
   multiple of the weight bytes;
 - forward 1 x 128: tokens/s (best of `--repeats` after a compiled warm-up);
 - greedy decode of 16 new tokens after that prompt (eos disabled on both sides so all 16
@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -64,7 +63,13 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: that keeps the parent's peak across
+    fork + exec, so a child of a parent that wrote a big checkpoint reports the parent's peak."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # ---------------------------------------------------------------------------------------
