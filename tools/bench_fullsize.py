@@ -49,6 +49,8 @@ SECTION = "# Full-size checkpoints"
 
 import numpy as np  # noqa: E402
 
+import bench  # noqa: E402  (tools/bench.py: cpu_name, cpu_flags)
+
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -178,7 +180,7 @@ def child_refjax(ckpt_dir: str, ids_file: str, repeats: int, out_file: str) -> d
     ckpt = refjax.load_checkpoint(ckpt_dir)
     jax.block_until_ready(ckpt.params)
     load_s = time.perf_counter() - start
-    rss_after_load, peak_after_load = rss_bytes(), peak_rss_bytes()
+    peak_after_load = peak_rss_bytes()
     family = refjax.FAMILIES[ckpt.family]
     config = dataclasses.replace(ckpt.config, eos_token_id=None)  # all 16 tokens made, as on the HF side
     forward = jax.jit(lambda params, ids: family.forward(params, config, ids).logits)
@@ -199,7 +201,7 @@ def child_refjax(ckpt_dir: str, ids_file: str, repeats: int, out_file: str) -> d
     t16 = best_of(lambda: decode(NEW), repeats)
     t1 = best_of(lambda: decode(1), repeats)
     np.savez(out_file, top1=top1, last_logits=last_logits, tokens=tokens[0, PROMPT:])
-    return dict(load_s=load_s, rss_before=rss_before, rss_after_load=rss_after_load,
+    return dict(load_s=load_s, rss_before=rss_before,
                 peak_after_load=peak_after_load, forward_s=forward_s, forward_first_s=forward_first_s,
                 generate_first_s=generate_first_s, t16=t16, t1=t1, peak_rss=peak_rss_bytes(),
                 unstacked_decode=bool(family._unstack(ckpt.params, None)),
@@ -220,7 +222,7 @@ def child_hf(ckpt_dir: str, ids_file: str, repeats: int, out_file: str, threads:
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype, attn_implementation="sdpa")
     model.eval()
     load_s = time.perf_counter() - start
-    rss_after_load, peak_after_load = rss_bytes(), peak_rss_bytes()
+    peak_after_load = peak_rss_bytes()
     with torch.inference_mode():
         start = time.perf_counter()
         logits = model(ids).logits
@@ -239,7 +241,7 @@ def child_hf(ckpt_dir: str, ids_file: str, repeats: int, out_file: str, threads:
         t16 = best_of(lambda: decode(NEW), repeats)
         t1 = best_of(lambda: decode(1), repeats)
     np.savez(out_file, top1=top1, last_logits=last_logits, tokens=tokens[0, PROMPT:])
-    return dict(load_s=load_s, rss_before=rss_before, rss_after_load=rss_after_load,
+    return dict(load_s=load_s, rss_before=rss_before,
                 peak_after_load=peak_after_load, forward_s=forward_s, forward_first_s=forward_first_s,
                 generate_first_s=generate_first_s, t16=t16, t1=t1, peak_rss=peak_rss_bytes(),
                 versions=f"torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -267,24 +269,6 @@ def run_child(python: str, kind: str, ckpt_dir: str, ids_file: str, repeats: int
 def read_bandwidth() -> float:
     big = np.ones(1 << 28, np.float32)  # 1 GiB
     return big.nbytes / best_of(lambda: big.sum(), 5) / 1e9
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_flags() -> str:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"]
-                return " ".join(w for w in wanted if w in flags) or "none of avx2/avx512/amx"
-    return "unknown"
 
 
 def model_rows(title: str, weight_bytes: int, gbps: float, rows: list[tuple[str, dict]], hf: dict,
@@ -409,7 +393,7 @@ def main(argv=None) -> int:
              f"process on the same files and prompt (1 x {PROMPT} ids); best of {args.repeats} after a warm-up; "
              f"decode = {NEW} greedy tokens, prefill excluded. Wall time of the run: {time.time() - started:.0f} s.",
              "",
-             f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({cpu_flags()}); "
+             f"- CPU: {bench.cpu_name()}, {os.cpu_count()} logical cores ({bench.cpu_flags()}); "
              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB memory; "
              f"threads {args.threads}",
              f"- Measured memory read bandwidth: {gbps:.1f} GB/s (numpy sum of 1 GiB)", ""] + sections
