@@ -10,6 +10,13 @@ about 340 MB of copying per generated token, more than half the weights' own rea
 the caller, e.g. before a long `generate`); `run_layers` then loops over the tuple in
 Python, each layer reading its own buffers with no per-step copy. Same math, same
 results (tested); compile time then grows with depth, so it is a decode-time choice.
+
+jaxlib before 0.12 has no 16-bit float arithmetic on CPU: XLA upcasts every bf16/fp16 op to
+fp32, the stack included, and hoists that convert out of the scan, so a bf16 forward first
+makes an fp32 copy of all stacked weights (for AFM-4.5B, 16 GB more than the 8 GB stack:
+killed on a 24 GiB machine). There the scan slices a bit-pattern (uint16) view of the stack,
+which XLA leaves alone, and each step turns only its own layer back into floats
+(`stack_bits`). That view is one copy of the stack (same size, not double), made once.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 
 def unstack(layers: Any) -> tuple:
@@ -35,6 +43,27 @@ def unstack_at(tree: Any, where: Callable[[Any], Any]) -> Any:
     return eqx.tree_at(where, tree, unstack(where(tree)))
 
 
+HALF_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def cpu_upcasts_half_floats() -> bool:
+    """True where XLA computes bf16/fp16 in fp32 and hoists the upcast of scanned weights:
+    the CPU backend of jaxlib < 0.12 (measured with 0.10.2; 0.12.0.1 keeps bf16)."""
+    major, minor = (int(part) for part in jaxlib.__version__.split(".")[:2])
+    return (major, minor) < (0, 12) and jax.default_backend() == "cpu"
+
+
+def stack_bits(layers: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """`layers` with bf16/fp16 leaves as uint16 bit patterns, and the function that turns one
+    sliced layer back (other leaves pass through); see the module docstring for why."""
+    dtypes = jax.tree.map(lambda a: a.dtype, layers)
+    if not any(dtype in HALF_FLOATS for dtype in jax.tree_util.tree_leaves(dtypes)):
+        return layers, lambda layer: layer
+    bits = jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype in HALF_FLOATS else a, layers)
+    return bits, lambda layer: jax.tree.map(
+        lambda a, dtype: jax.lax.bitcast_convert_type(a, dtype) if dtype in HALF_FLOATS else a, layer, dtypes)
+
+
 def run_layers(step: Callable, x: jax.Array, layers: Any, xs: Any = None, remat: bool = False):
     """`lax.scan(step, x, (layer_params, layer_index, xs))` over stacked `layers`, or the same
     as a Python loop when `layers` is a tuple from `unstack`; `xs` is always stacked [L, ...].
@@ -42,6 +71,14 @@ def run_layers(step: Callable, x: jax.Array, layers: Any, xs: Any = None, remat:
     step = jax.checkpoint(step) if remat else step
     if not isinstance(layers, tuple):
         n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+        if cpu_upcasts_half_floats():
+            layers, from_bits = stack_bits(layers)
+            float_step = step
+
+            def step(x, layer):
+                layer_params, index, layer_xs = layer
+                return float_step(x, (from_bits(layer_params), index, layer_xs))
+
         return jax.lax.scan(step, x, (layers, jnp.arange(n, dtype=jnp.int32), xs))
     outputs = []
     for i, layer in enumerate(layers):

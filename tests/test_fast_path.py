@@ -162,3 +162,40 @@ def test_generate_keeps_a_big_stack(monkeypatch):
     family = FAMILIES["gpt2"]
     monkeypatch.setattr(families, "UNSTACK_MAX_BYTES", 1000)
     assert not family._unstack(ckpt.params, None) and family._unstack(ckpt.params, True)
+
+
+LAYER_STACKS = {"gpt2": ("n_layer", lambda p: p.transformer.h), "arcee": ("num_hidden_layers", lambda p: p.model.layers),
+                "roformer": ("num_hidden_layers", lambda p: p.roformer.encoder.layer),
+                "mega": ("num_hidden_layers", lambda p: p.mega.layers)}
+
+
+@pytest.mark.parametrize("case", ["gpt2/lm", "arcee/causal-lm", "roformer/mlm", "mega/causal-lm"])
+def test_bfloat16_scan_never_upcasts_the_whole_stack(case, monkeypatch):
+    """A jitted bf16 forward over stacked layers holds no fp32 copy of a stacked weight (on
+    jaxlib < 0.12, XLA:CPU upcasts bf16 and hoists the convert out of the scan unless the scan
+    slices bit patterns: ref/layers.py), and the bit-pattern scan changes no logit bit. The
+    golden model is deepened to 7 layers so that [7, ...] names only stacked weights."""
+    import dataclasses
+
+    import equinox as eqx
+
+    from refjax import layers
+
+    ckpt = load_checkpoint(os.path.join(GOLDEN, case), dtype=jnp.bfloat16)
+    golden, _ = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
+    family, inputs = FAMILIES[ckpt.family], _inputs(golden)
+    field, where = LAYER_STACKS[ckpt.family]
+    deeper = jax.tree.map(lambda a: jnp.concatenate([a] * 7)[:7], where(ckpt.params))
+    params = eqx.tree_at(where, ckpt.params, deeper)
+    config = dataclasses.replace(ckpt.config, **{field: 7})
+    forward = jax.jit(lambda params, inputs: family.forward(params, config, **inputs).logits)
+    hlo = forward.lower(params, inputs).compile().as_text()
+    stacked = [leaf.shape for leaf in jax.tree_util.tree_leaves(deeper) if leaf.ndim >= 2]
+    for shape in stacked:
+        assert f"f32[{','.join(map(str, shape))}]" not in hlo, shape
+    # The other way round (plain scan where the bit-pattern one runs, and back): same bits.
+    default = layers.cpu_upcasts_half_floats()
+    monkeypatch.setattr(layers, "cpu_upcasts_half_floats", lambda: not default)
+    flipped = jax.jit(lambda params, inputs: family.forward(params, config, **inputs).logits)
+    np.testing.assert_array_equal(np.asarray(flipped(params, inputs), np.float32),
+                                  np.asarray(forward(params, inputs), np.float32))

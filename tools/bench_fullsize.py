@@ -205,6 +205,7 @@ def child_refjax(ckpt_dir: str, ids_file: str, repeats: int, out_file: str) -> d
                 peak_after_load=peak_after_load, forward_s=forward_s, forward_first_s=forward_first_s,
                 generate_first_s=generate_first_s, t16=t16, t1=t1, peak_rss=peak_rss_bytes(),
                 unstacked_decode=bool(family._unstack(ckpt.params, None)),
+                upcasts_half_floats=refjax.layers.cpu_upcasts_half_floats(),
                 versions=f"jax {jax.__version__}, python {platform.python_version()}")
 
 
@@ -304,7 +305,10 @@ def model_rows(title: str, weight_bytes: int, gbps: float, rows: list[tuple[str,
         if "versions" in r:
             lines.append(f"- {name}: {r['versions']}" + (
                 "; decodes on per-layer weights" if r.get("unstacked_decode") else
-                "" if "unstacked_decode" not in r else "; decodes on the stacked weights (params above 4 GiB)"))
+                "" if "unstacked_decode" not in r else "; decodes on the stacked weights (params above 4 GiB)")
+                + ("; XLA:CPU here computes bf16 in fp32, and the layer scan reads a uint16 view of the stacked "
+                   "weights (one copy of them, ref/layers.py) so that no fp32 copy is made: hence the higher peak"
+                   if r.get("upcasts_half_floats") and title.endswith("bfloat16") else ""))
     return lines + [""]
 
 

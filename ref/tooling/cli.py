@@ -1,6 +1,6 @@
 """The `refjax` command: the imperative shell around the pure core.
 
-    refjax verify   [--golden DIR] [--only SUBSTRING ...]
+    refjax verify   [--golden DIR] [--only SUBSTRING ...] [--jobs N]
     refjax forward  CHECKPOINT_DIR (--text TEXT | --inputs IN.safetensors) --out OUT.safetensors
                     [--dtype float32|float64|bfloat16] [--taps] [--integer] [--propagate-scales]
     refjax generate CHECKPOINT_DIR (--prompt TEXT | --inputs IN.safetensors) [--max-new-tokens N]
@@ -96,6 +96,38 @@ def _default_golden_dir() -> str:
 # --------------------------------------------------------------------------------------
 
 
+def _verify_worker(golden_dir: str, case: str) -> tuple[list, float]:
+    """One golden case in a `--jobs` worker process: its rows and seconds."""
+    from refjax.tooling import verify
+
+    start = time.perf_counter()
+    return list(verify.run_case(golden_dir, case)), time.perf_counter() - start
+
+
+def _verify_rows(golden_dir: str, cases: list[str], jobs: int):
+    """Yield (case, rows, seconds) for every case as it finishes: in this process for
+    `jobs == 1`, else in `jobs` fresh worker processes (spawned: JAX is not fork-safe). A
+    case is a few small programs compiled once each, and XLA compiles on one core, so
+    workers on separate cores finish the goldens about `jobs` times sooner."""
+    if jobs == 1:
+        for case in cases:
+            yield (case, *_verify_worker(golden_dir, case))
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_setup_jax) as pool:
+        pending = {pool.submit(_verify_worker, golden_dir, case): case for case in cases}
+        try:
+            for done in concurrent.futures.as_completed(pending):
+                yield (pending[done], *done.result())
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
 def cmd_verify(args) -> int:
     _setup_jax()
     from refjax.tooling import verify
@@ -106,15 +138,16 @@ def cmd_verify(args) -> int:
         cases = [c for c in cases if any(pattern in c for pattern in args.only)]
         if not cases:
             raise UsageError(f"--only {' '.join(args.only)} matches no golden case")
-    print(f"goldens: {golden_dir} ({len(cases)} cases)", file=sys.stderr)
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    jobs = min(args.jobs or os.cpu_count() or 1, len(cases))
+    print(f"goldens: {golden_dir} ({len(cases)} cases, {jobs} process{'es' if jobs > 1 else ''})", file=sys.stderr)
     started = time.perf_counter()
-    rows = []
-    for n, case in enumerate(cases, 1):
-        start = time.perf_counter()
-        case_rows = list(verify.run_case(golden_dir, case))
-        print(f"[{n}/{len(cases)}] {case}: {verify.case_summary(case_rows)} ({time.perf_counter() - start:.1f}s)",
-              file=sys.stderr)
-        rows += case_rows
+    by_case = {}
+    for n, (case, case_rows, seconds) in enumerate(_verify_rows(golden_dir, cases, jobs), 1):
+        print(f"[{n}/{len(cases)}] {case}: {verify.case_summary(case_rows)} ({seconds:.1f}s)", file=sys.stderr)
+        by_case[case] = case_rows
+    rows = [row for case in cases for row in by_case[case]]  # the table in case order, however they finished
     print(verify.format_table(rows))
     failed = [r for r in rows if not r.ok]
     skipped = [r for r in rows if r.status == "SKIP"]
@@ -376,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="run every golden case and print the error table")
     p.add_argument("--golden", help="golden directory (default: ./golden)")
     p.add_argument("--only", nargs="+", metavar="SUBSTRING", help="run only cases whose name contains one of these")
+    p.add_argument("--jobs", "-j", type=int, metavar="N",
+                   help="worker processes (default: one per CPU core; 1 runs in this process)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("forward", help="run a checkpoint's head and write HF-named outputs")
