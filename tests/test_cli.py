@@ -231,3 +231,17 @@ def test_verify_uses_a_persistent_compilation_cache(tmp_path, monkeypatch, capsy
         assert jax.config.jax_compilation_cache_dir == before
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_verify_jobs_one_and_two_give_the_same_table(capsys):
+    """`--jobs 2` (spawned workers, cases finishing in any order) prints the same table, in
+    case order, as `--jobs 1` (this process); `--jobs 0` is a usage error."""
+    tables = []
+    for jobs in ("1", "2"):
+        code, out, err = run(capsys, "verify", "--only", "gpt2/tokcls", "arcee/mqa", "--jobs", jobs)
+        assert code == 0, out + err
+        assert f"{jobs} process" in err
+        tables.append(out.rsplit("\n", 2)[0])  # all but the timing line
+    assert tables[0] == tables[1]
+    code, _, err = run(capsys, "verify", "--jobs", "0")
+    assert code == 2 and "--jobs must be at least 1" in err
