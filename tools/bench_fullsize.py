@@ -205,7 +205,8 @@ def child_refjax(ckpt_dir: str, ids_file: str, repeats: int, out_file: str) -> d
                 peak_after_load=peak_after_load, forward_s=forward_s, forward_first_s=forward_first_s,
                 generate_first_s=generate_first_s, t16=t16, t1=t1, peak_rss=peak_rss_bytes(),
                 unstacked_decode=bool(family._unstack(ckpt.params, None)),
-                upcasts_half_floats=refjax.layers.cpu_upcasts_half_floats(),
+                upcasts_half_floats=refjax.layers.cpu_upcasts_half_floats() and any(  # bf16 weights computed in fp32
+                    leaf.dtype in refjax.layers.HALF_FLOATS for leaf in jax.tree_util.tree_leaves(ckpt.params)),
                 versions=f"jax {jax.__version__}, python {platform.python_version()}")
 
 
@@ -308,7 +309,7 @@ def model_rows(title: str, weight_bytes: int, gbps: float, rows: list[tuple[str,
                 "" if "unstacked_decode" not in r else "; decodes on the stacked weights (params above 4 GiB)")
                 + ("; XLA:CPU here computes bf16 in fp32, and the layer scan reads a uint16 view of the stacked "
                    "weights (one copy of them, ref/layers.py) so that no fp32 copy is made: hence the higher peak"
-                   if r.get("upcasts_half_floats") and title.endswith("bfloat16") else ""))
+                   if r.get("upcasts_half_floats") else ""))
     return lines + [""]
 
 
