@@ -44,8 +44,21 @@ class Act(NamedTuple):
 
 
 def _pow2(k, dtype):
-    """2^k for integral float k, exactly (torch's `2 ** t` is exact; exp2 need not be)."""
-    return jnp.ldexp(jnp.ones_like(k, dtype=dtype), k.astype(jnp.int32))
+    """2^k for integral k, exactly (torch's `2 ** t` is exact; exp2 need not be): the
+    product of two powers of two written into exponent bits (k // 2 and the rest, clipped
+    to the normal exponents, so k beyond them still gives inf or 0). Equal to jit(jnp.ldexp)
+    for every k (XLA:CPU flushes subnormal results to 0 in both), without its float `pow`,
+    which made the I-BERT quant forward ~1.5 s slower to compile (26 calls)."""
+    info = jnp.finfo(dtype)
+    bits = jnp.int64 if info.bits == 64 else jnp.int32
+    k = k.astype(bits)
+
+    def power(j):  # 2^j for minexp <= j <= maxexp - 1: biased exponent j - minexp + 1, zero mantissa
+        j = jnp.clip(j, info.minexp, info.maxexp - 1)
+        return jax.lax.bitcast_convert_type((j - (info.minexp - 1)) << info.nmant, dtype)
+
+    half = k // 2
+    return power(half) * power(k - half)
 
 
 def div(a, b):

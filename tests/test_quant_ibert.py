@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,6 +97,23 @@ def test_int_sqrt_is_floor_sqrt(n):
 def test_rounding_shift_is_round_half_even(v, e):
     assert int(quant.rounding_shift(jnp.asarray([v], jnp.int64), jnp.asarray([e], jnp.int64))[0]) == round(v / 2 ** e)
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pow2_is_ldexp_for_every_exponent(dtype):
+    """quant._pow2 (exponent bits) equals 2^k as numpy's ldexp gives it, bit for bit, for every
+    k whose power is a normal number, and jit(jnp.ldexp), the kernel it replaced, for every k
+    from below the subnormals to beyond overflow (XLA:CPU flushes subnormals to 0 in both)."""
+    info = np.finfo(dtype)
+    k = np.arange(info.minexp - info.nmant - 40, info.maxexp + 40)  # past both ends
+    got = np.asarray(jax.jit(lambda k: quant._pow2(k, dtype))(jnp.asarray(k, dtype)))
+    replaced = np.asarray(jax.jit(lambda k: jnp.ldexp(jnp.ones_like(k), k.astype(jnp.int32)))(jnp.asarray(k, dtype)))
+    with np.errstate(over="ignore"):
+        exact = np.ldexp(np.ones(k.shape, dtype), k)
+    normal = (k >= info.minexp) & (k < info.maxexp)
+    assert got.dtype == dtype
+    assert np.array_equal(got[normal], exact[normal])
+    assert np.array_equal(got, replaced)
+    assert np.all(got[k >= info.maxexp] == np.inf) and np.all(got[k < info.minexp - info.nmant - 1] == 0)
 
 def test_integer_path_equals_fake_quant_on_golden():
     """The int8 x int8 -> int32 QuantLinear and the int64 dyadic requantizer give exactly the
