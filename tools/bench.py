@@ -11,7 +11,8 @@ Needs the `reference` extra (torch + transformers). Measures, on this machine:
 - a small Arcee config likewise;
 - compile time of the GPT-2 forward at 4, 12 and 48 layers (scan keeps it flat);
 - the cost of input validation on the eager path.
-Writes a Markdown report (atomically) and prints it. Timings are the best of R runs
+Writes its Markdown section of --out ("# Benchmarks" on the CPU, "# Benchmarks (GPU)"
+with --device cuda; atomically, the file's other sections kept) and prints it. Timings are the best of R runs
 after a warm-up run (which includes JAX compilation); nothing here is asserted in tests.
 
 `--device cuda` runs both sides on the GPU (torch models and inputs on "cuda", JAX's default
@@ -502,6 +503,27 @@ def report(limits, rows, compiles, validation, threads, versions, dev: Device = 
     return "\n".join(lines)
 
 
+def replace_section(path: str, text: str) -> None:
+    """Write `text` (a Markdown section starting with its "# Title" line) into the file at
+    `path` in place of the section of that title (up to the next top-level "# " heading),
+    or append it; the file's other sections stay as they are. Atomic: a failed write leaves
+    the old file."""
+    from refjax.params.io import atomic_write
+
+    title = text.split("\n", 1)[0]
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    at = 0 if old.startswith(title + "\n") else old.find("\n" + title + "\n") + 1  # 0: not there
+    body = text.rstrip("\n") + "\n"
+    if at or old.startswith(title + "\n"):
+        end = old.find("\n# ", at)
+        rest = old[end + 1:] if end >= 0 else ""
+        new = old[:at] + body + ("\n" + rest if rest else "")
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + body
+    with atomic_write(path, "w") as f:
+        f.write(new)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
@@ -563,13 +585,11 @@ def main(argv=None) -> int:
     failures: list[tuple[str, str]] = []
     rows: list[dict] = []
     state = {"compiles": None, "validation": None}
-    from refjax.params.io import atomic_write
 
-    def write_report() -> str:
+    def write_report() -> str:  # this run's section of --out; the file's other sections are kept
         text = report(limits, rows, state["compiles"], state["validation"], args.threads, versions, dev, info,
                       args.repeats, failures, time.perf_counter() - t0 if dev.gpu else None)
-        with atomic_write(args.out, "w") as f:
-            f.write(text)
+        replace_section(args.out, text)
         return text
 
     def stage(message: str, fn, *, partial_report: bool = True):

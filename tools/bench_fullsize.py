@@ -49,7 +49,7 @@ SECTION = "# Full-size checkpoints"
 
 import numpy as np  # noqa: E402
 
-import bench  # noqa: E402  (tools/bench.py: cpu_name, cpu_flags)
+import bench  # noqa: E402  (tools/bench.py: cpu_name, cpu_flags, replace_section)
 
 
 def log(message: str) -> None:
@@ -322,20 +322,6 @@ def agreement(ours_file: str, hf_file: str) -> dict:
                 logit_max=float(np.abs(theirs["last_logits"]).max()))
 
 
-def replace_section(path: str, lines: list[str]) -> None:
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    start = text.find("\n" + SECTION + "\n")
-    if start >= 0:
-        end = text.find("\n# ", start + 1)
-        text = text[:start] + (text[end:] if end >= 0 else "\n")
-    text = text.rstrip("\n") + "\n\n" + "\n".join(lines).rstrip("\n") + "\n"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".bench-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=sorted(CONFIGS), default=["afm", "gpt2"])
@@ -402,7 +388,7 @@ def main(argv=None) -> int:
              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB memory; "
              f"threads {args.threads}",
              f"- Measured memory read bandwidth: {gbps:.1f} GB/s (numpy sum of 1 GiB)", ""] + sections
-    replace_section(args.out, lines)
+    bench.replace_section(args.out, "\n".join(lines))
     print("\n".join(lines))
     return 1 if failed else 0
 
