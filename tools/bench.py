@@ -344,6 +344,41 @@ def compile_times(raw: dict, layer_counts=(4, 12, 48)) -> list[dict]:
     return rows
 
 
+def golden_compile_times(golden_dir: str = os.path.join(ROOT, "golden"), limit: int | None = None) -> list[dict]:
+    """Lower + compile seconds of `jit(forward)` for every golden case and forward variant, in
+    float32 on the case's own inputs with every output (hidden states, attentions), as
+    `refjax verify` runs it: one row per case, slowest first. JAX's persistent cache is off
+    for this stage, so every compile is a real one."""
+    import jax
+    import jax.numpy as jnp
+
+    from refjax.params.checkpoint import load_checkpoint
+    from refjax.params.io import read_safetensors
+    from refjax.tooling import families, verify
+
+    rows = []
+    cache_was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        for case in verify.golden_cases(golden_dir)[:limit]:
+            golden, metadata = read_safetensors(os.path.join(golden_dir, case, "golden.safetensors"))
+            if not any(k.startswith("float32/") for k in golden):
+                continue  # a tokenizer-only or generation-only case: no forward recorded
+            ckpt = load_checkpoint(os.path.join(golden_dir, case), dtype=jnp.float32)
+            family = families.FAMILIES[ckpt.family]
+            inputs = verify.case_inputs(golden, "float32")
+            for options in json.loads(metadata.get("forward_variants", "[{}]")):
+                forward = jax.jit(family.forward, static_argnames=(
+                    "config", "output_hidden_states", "output_attentions", *options))
+                start = time.perf_counter()
+                forward.lower(ckpt.params, ckpt.config, **inputs, **options, output_hidden_states=True,
+                              output_attentions=True).compile()
+                tag = "".join(f" [{k}={v}]" for k, v in options.items())
+                rows.append({"case": case + tag, "family": ckpt.family, "seconds": time.perf_counter() - start})
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
+    return sorted(rows, key=lambda r: -r["seconds"])
+
 def validation_cost(raw: dict, repeats: int) -> dict:
     import jax.numpy as jnp
 
@@ -444,7 +479,8 @@ def machine_lines(limits, threads, versions, dev: Device, info: dict | None, rep
 
 
 def report(limits, rows, compiles, validation, threads, versions, dev: Device = CPU, info: dict | None = None,
-           repeats: int | None = None, failures=(), wall: float | None = None) -> str:
+           repeats: int | None = None, failures=(), wall: float | None = None,
+           golden_compiles: list[dict] | None = None) -> str:
     """The Markdown report. With `dev` on a GPU, `compiles` or `validation` may be None (a
     stage not yet run, or failed), `failures` lists failed stages and `wall` is the run time."""
     if dev.gpu:
@@ -495,6 +531,18 @@ def report(limits, rows, compiles, validation, threads, versions, dev: Device = 
                       "per-layer weights, a Python loop; compile time then grows with depth). \"default\" rows "
                       "are what a user gets without options; \"fast\" adds `fast=True` "
                       "(`jax.nn.dot_product_attention`, no attention probabilities).", ""]
+    if golden_compiles:
+        lines += ["## Compile time of every golden forward (float32, jit, all outputs)", "",
+                  "| family | forwards | median s | slowest s | slowest case |", "|---|---:|---:|---:|---|"]
+        for family in sorted({r["family"] for r in golden_compiles}):
+            group = [r for r in golden_compiles if r["family"] == family]  # slowest first
+            lines.append(f"| {family} | {len(group)} | {float(np.median([r['seconds'] for r in group])):.2f} | "
+                         f"{group[0]['seconds']:.2f} | {group[0]['case']} |")
+        over = [r for r in golden_compiles if r["seconds"] > 3.0]
+        lines += ["", f"{len(golden_compiles)} forwards (each golden case and forward variant, lowered and compiled "
+                  "with JAX's persistent cache off); "
+                  + ("over 3 s: " + ", ".join(f"{r['case']} {r['seconds']:.1f} s" for r in over) + "." if over
+                     else "none takes over 3 s."), ""]
     if validation is not None:
         lines += ["## Input validation", "",
                   f"Checking an 8 x 128 batch (shapes, id ranges) costs {validation['seconds'] * 1e6:.0f} us per "
@@ -584,11 +632,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     failures: list[tuple[str, str]] = []
     rows: list[dict] = []
-    state = {"compiles": None, "validation": None}
+    state = {"compiles": None, "validation": None, "golden_compiles": None}
 
     def write_report() -> str:  # this run's section of --out; the file's other sections are kept
         text = report(limits, rows, state["compiles"], state["validation"], args.threads, versions, dev, info,
-                      args.repeats, failures, time.perf_counter() - t0 if dev.gpu else None)
+                      args.repeats, failures, time.perf_counter() - t0 if dev.gpu else None, state["golden_compiles"])
         replace_section(args.out, text)
         return text
 
@@ -641,6 +689,8 @@ def main(argv=None) -> int:
         stage(f"benchmarking {name}", lambda: bench_family(name, family, raw, shapes, prompt, new, args.repeats,
                                                            limits, dev, rows))
     state["compiles"] = stage("compile times", lambda: compile_times(gpt2_raw, (2, 4) if args.quick else (4, 12, 48)))
+    state["golden_compiles"] = stage("compile time of every golden forward", lambda: golden_compile_times(
+        limit=3 if args.quick else None))
     validate = (lambda: validation_cost(gpt2_raw, args.repeats))
     state["validation"] = stage("validation cost", validate) if dev.gpu else validate()
     if dev.simulate:

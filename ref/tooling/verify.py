@@ -139,6 +139,16 @@ def golden_cases(golden_dir: str) -> list[str]:
         return sorted(json.load(f)["cases"])
 
 
+def case_inputs(golden: dict, dtype: str) -> dict:
+    """The model inputs HF's `dtype` forward of a case was given: the shared ones, or
+    `{dtype}.{name}` where that dtype had its own (Arcee float64: right-padded rows, where
+    HF's float64 path gives no NaN); inputs_embeds in `dtype`."""
+    inputs = {k: jnp.asarray(golden.get(f"{dtype}.{k}", golden.get(k))) for k in INPUT_NAMES if k in golden}
+    if "inputs_embeds" in inputs:
+        inputs["inputs_embeds"] = inputs["inputs_embeds"].astype(dtype)
+    return inputs
+
+
 def run_case(golden_dir: str, case: str) -> Iterator[Row]:
     """Compare every recorded HF output of one case; yields one Row per tensor."""
     case_dir = os.path.join(golden_dir, case)
@@ -150,11 +160,7 @@ def run_case(golden_dir: str, case: str) -> Iterator[Row]:
     for dtype in dtypes:
         ckpt = checkpoint_lib.load_checkpoint(case_dir, dtype=jnp.dtype(dtype))
         family = families.FAMILIES[ckpt.family]
-        # `{dtype}.{name}`: an input this dtype's forward was given instead of the shared one
-        # (Arcee float64: right-padded rows, where HF's float64 path gives no NaN)
-        inputs = {k: jnp.asarray(golden.get(f"{dtype}.{k}", golden.get(k))) for k in INPUT_NAMES if k in golden}
-        if "inputs_embeds" in inputs:
-            inputs["inputs_embeds"] = inputs["inputs_embeds"].astype(dtype)
+        inputs = case_inputs(golden, dtype)
         # a case may name the forward options it was made for (e.g. I-BERT's propagate_scales,
         # integer): each variant is compared against the same HF tensors, its options in the name
         for options in json.loads(metadata.get("forward_variants", "[{}]")):
@@ -213,7 +219,7 @@ def _check_gradients(case_dir: str, case: str, golden) -> Iterator[Row]:
         ckpt = checkpoint_lib.load_checkpoint(case_dir, dtype=jnp.dtype(dtype))
         family = families.FAMILIES[ckpt.family]
         rules = checkpoint_lib.FAMILIES[ckpt.family].module.name_rules(ckpt.config)
-        inputs = {k: jnp.asarray(golden.get(f"{dtype}.{k}", golden.get(k))) for k in INPUT_NAMES if k in golden}
+        inputs = case_inputs(golden, dtype)
         embeds = jnp.asarray(grads[f"{dtype}.inputs_embeds"])
         tol, note = TOLERANCE[dtype], ""
         if dtype == "float64" and ckpt.family in FLOAT64_IS_FLOAT32_ACCURATE:
