@@ -115,6 +115,7 @@ def test_pow2_is_ldexp_for_every_exponent(dtype):
     assert np.array_equal(got, replaced)
     assert np.all(got[k >= info.maxexp] == np.inf) and np.all(got[k < info.minexp - info.nmant - 1] == 0)
 
+
 def test_integer_path_equals_fake_quant_on_golden():
     """The int8 x int8 -> int32 QuantLinear and the int64 dyadic requantizer give exactly the
     integers of HF's float fake-quant QuantLinear + QuantAct (query, key, value of layer 0)."""

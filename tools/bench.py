@@ -346,8 +346,8 @@ def compile_times(raw: dict, layer_counts=(4, 12, 48)) -> list[dict]:
 
 def golden_compile_times(golden_dir: str = os.path.join(ROOT, "golden"), limit: int | None = None) -> list[dict]:
     """Lower + compile seconds of `jit(forward)` for every golden case and forward variant, in
-    float32 on the case's own inputs with every output (hidden states, attentions), as
-    `refjax verify` runs it: one row per case, slowest first. JAX's persistent cache is off
+    float32 on the inputs and outputs `refjax verify` checks (hidden states, attentions; verify
+    itself jits only I-BERT and runs the others eagerly): one row per case, slowest first. JAX's persistent cache is off
     for this stage, so every compile is a real one."""
     import jax
     import jax.numpy as jnp
@@ -378,6 +378,7 @@ def golden_compile_times(golden_dir: str = os.path.join(ROOT, "golden"), limit: 
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was)
     return sorted(rows, key=lambda r: -r["seconds"])
+
 
 def validation_cost(raw: dict, repeats: int) -> dict:
     import jax.numpy as jnp
@@ -560,9 +561,13 @@ def replace_section(path: str, text: str) -> None:
 
     title = text.split("\n", 1)[0]
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    at = 0 if old.startswith(title + "\n") else old.find("\n" + title + "\n") + 1  # 0: not there
+    if old.startswith(title + "\n"):
+        at = 0
+    else:
+        at = old.find("\n" + title + "\n")
+        at = at + 1 if at >= 0 else -1  # the title line's start; -1: not there
     body = text.rstrip("\n") + "\n"
-    if at or old.startswith(title + "\n"):
+    if at >= 0:
         end = old.find("\n# ", at)
         rest = old[end + 1:] if end >= 0 else ""
         new = old[:at] + body + ("\n" + rest if rest else "")
