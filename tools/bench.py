@@ -357,8 +357,9 @@ def golden_compile_times(golden_dir: str = os.path.join(ROOT, "golden"), limit: 
     from refjax.tooling import families, verify
 
     rows = []
-    cache_was = jax.config.jax_enable_compilation_cache
+    cache_was, x64_was = jax.config.jax_enable_compilation_cache, jax.config.jax_enable_x64
     jax.config.update("jax_enable_compilation_cache", False)
+    jax.config.update("jax_enable_x64", True)  # as `refjax verify`: I-BERT's quant mode requantizes in float64
     try:
         for case in verify.golden_cases(golden_dir)[:limit]:
             golden, metadata = read_safetensors(os.path.join(golden_dir, case, "golden.safetensors"))
@@ -377,6 +378,7 @@ def golden_compile_times(golden_dir: str = os.path.join(ROOT, "golden"), limit: 
                 rows.append({"case": case + tag, "family": ckpt.family, "seconds": time.perf_counter() - start})
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was)
+        jax.config.update("jax_enable_x64", x64_was)
     return sorted(rows, key=lambda r: -r["seconds"])
 
 
@@ -646,12 +648,16 @@ def main(argv=None) -> int:
         return text
 
     def stage(message: str, fn, *, partial_report: bool = True):
-        """Run one stage. On a GPU a failure is recorded (report and exit status) and the next
-        stage still runs, and the report is rewritten after each stage; on the CPU errors raise."""
+        """Run one stage; the report is rewritten after each one, so a run cut short keeps what
+        it measured. On a GPU a failure is recorded (report and exit status) and the next
+        stage still runs; on the CPU errors raise."""
         prefix = f"[{time.perf_counter() - t0:5.0f} s] " if dev.gpu else ""
         print(f"{prefix}{message} ...", file=sys.stderr, flush=True)
         if not dev.gpu:
-            return fn()
+            result = fn()
+            if partial_report:
+                write_report()
+            return result
         n_rows = len(rows)
         try:
             return fn()
