@@ -89,6 +89,8 @@ def _generate(params, input_ids, attention_mask, key, *, forward: Callable, init
     total = T0 + max_new_tokens
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     cache = init_cache(config, B, total, dtype)
+    if unstack_layers is not None:  # and a buffer per layer for the cache (ref/cache.py)
+        cache = cache.per_layer()
     # Families whose HF model has no position_ids input (positions = cache slot index) get none.
     positions = (lambda p: dict(position_ids=p)) if takes_position_ids else (lambda p: {})
     prefill = forward(params, config, input_ids, attention_mask, **positions(prompt_positions(attention_mask)),
@@ -148,7 +150,10 @@ def generate(forward: Callable, init_cache: Callable, params, config, input_ids,
     the stack once per call. On CPU, XLA copies a scanned layer's weights out of the stack
     before its matmuls, so a stacked decode step reads every weight three times (read, write,
     read) instead of once; the sliced copy costs one extra copy of the layer weights in memory
-    while `generate` runs (see `FamilyOps.generate` for when it is used). Same results.
+    while `generate` runs (see `FamilyOps.generate` for when it is used). The KV cache is
+    then held per layer too (`per_layer()`, ref/cache.py): a stacked one is sliced and
+    re-stacked around every layer of every step (GPT-2 124M, 500-token prompt: 33.0 ->
+    23.7 ms/token on a 2-core AMD EPYC). Same results.
     """
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2 or 0 in input_ids.shape:

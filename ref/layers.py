@@ -38,6 +38,18 @@ def unstack(layers: Any) -> tuple:
     return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))
 
 
+def per_layer(a: Any) -> bool:
+    """Is `a` a plain tuple of per-layer buffers where a stacked [L, ...] array could be
+    (decoding state held per layer, e.g. `KVCache.per_layer()`)? NamedTuples are not."""
+    return type(a) is tuple
+
+
+def layer_of(xs: Any, i: int) -> Any:
+    """Layer i of per-layer state whose leaves are stacked [L, ...] arrays or `per_layer` tuples
+    (`a[i]` is layer i of either)."""
+    return jax.tree.map(lambda a: a[i], xs, is_leaf=per_layer)
+
+
 def unstack_at(tree: Any, where: Callable[[Any], Any]) -> Any:
     """`tree` with its layer stack `where(tree)` replaced by `unstack(where(tree))`."""
     return eqx.tree_at(where, tree, unstack(where(tree)))
@@ -66,11 +78,13 @@ def stack_bits(layers: Any) -> tuple[Any, Callable[[Any], Any]]:
 
 def run_layers(step: Callable, x: jax.Array, layers: Any, xs: Any = None, remat: bool = False):
     """`lax.scan(step, x, (layer_params, layer_index, xs))` over stacked `layers`, or the same
-    as a Python loop when `layers` is a tuple from `unstack`; `xs` is always stacked [L, ...].
+    as a Python loop when `layers` is a tuple from `unstack`; `xs` leaves are stacked [L, ...]
+    or `per_layer` tuples (the loop takes each layer's own buffer: no slicing of a stack).
     Returns (x, ys) with ys stacked [L, ...] either way."""
     step = jax.checkpoint(step) if remat else step
     if not isinstance(layers, tuple):
         n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+        xs = jax.tree.map(lambda a: jnp.stack(a) if per_layer(a) else a, xs, is_leaf=per_layer)
         if cpu_upcasts_half_floats():
             layers, from_bits = stack_bits(layers)
             float_step = step
@@ -82,7 +96,7 @@ def run_layers(step: Callable, x: jax.Array, layers: Any, xs: Any = None, remat:
         return jax.lax.scan(step, x, (layers, jnp.arange(n, dtype=jnp.int32), xs))
     outputs = []
     for i, layer in enumerate(layers):
-        x, y = step(x, (layer, jnp.asarray(i, jnp.int32), jax.tree.map(lambda a, i=i: a[i], xs)))
+        x, y = step(x, (layer, jnp.asarray(i, jnp.int32), layer_of(xs, i)))
         outputs.append(y)
     return x, jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
 
@@ -102,14 +116,15 @@ class Stack(NamedTuple):
     x: jax.Array  # [B, T, D] after the last layer
     inputs: jax.Array  # [L, B, T, D] every layer's input (HF's hidden_states before the last)
     attentions: jax.Array | None  # [L, B, N, T, S]
-    kv: Any  # the new per-layer cache entries, stacked (None without a cache)
+    kv: Any  # the new per-layer cache entries, in the given cache's layout (None without a cache)
     taps: dict | None  # per-layer taps stacked [L, ...], by name within the layer
 
 
 def run_stack(block: Callable[..., LayerOut], x: jax.Array, layers: Any, kv: Any = None, *, remat: bool = False,
               taps: bool = False) -> Stack:
     """Apply `block(layer_params, layer_index, x, layer_kv) -> LayerOut` over the stack
-    (see `run_layers`); `kv` is the stacked per-layer cache (or None)."""
+    (see `run_layers`); `kv` is the per-layer cache (or None), stacked [L, ...] or `per_layer`
+    tuples, and `Stack.kv` comes back in the same layout."""
 
     def step(x, layer):
         layer_params, index, layer_kv = layer
@@ -117,6 +132,8 @@ def run_stack(block: Callable[..., LayerOut], x: jax.Array, layers: Any, kv: Any
         return out.x, (x, out.probs, None if kv is None else out.kv, out.taps if taps else None)
 
     x, (inputs, attentions, new_kv, layer_taps) = run_layers(step, x, layers, kv, remat)
+    if kv is not None:  # a per-layer cache stays per layer (XLA drops the stack-then-slice: no copy)
+        new_kv = jax.tree.map(lambda new, old: tuple(new) if per_layer(old) else new, new_kv, kv, is_leaf=per_layer)
     return Stack(x, inputs, attentions, new_kv, layer_taps)
 
 

@@ -23,6 +23,7 @@ Attention weights are per chunk, [B, C, T, S] with C chunks (C = 1 without chunk
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import equinox as eqx
@@ -246,19 +247,25 @@ class MegaCache(eqx.Module):
     """Incremental decoding state: keys [L, B, S, Z], values [L, B, S, E], ema_state
     [L, B, D, N] (the EMA state after the last token) and length [] (slots filled)."""
 
-    keys: jax.Array
-    values: jax.Array
-    ema_state: jax.Array
+    keys: jax.Array | tuple[jax.Array, ...]  # or L x [B, S, Z] (per_layer), likewise values and ema_state
+    values: jax.Array | tuple[jax.Array, ...]
+    ema_state: jax.Array | tuple[jax.Array, ...]
     length: jax.Array
 
     @property
     def max_length(self) -> int:
-        return self.keys.shape[2]
+        return (self.keys[0] if layers.per_layer(self.keys) else self.keys[0]).shape[1]  # [B, S, Z]
 
     @property
     def layers(self) -> MegaLayerCache:
-        """Per-layer state, stacked [L, ...] (what the layer scan slices)."""
+        """Per-layer state, stacked [L, ...] (what the layer scan slices) or tuples."""
         return MegaLayerCache(self.keys, self.values, self.ema_state)
+
+    def per_layer(self) -> "MegaCache":
+        """The same cache with every per-layer state as a tuple of per-layer buffers (what
+        `generate` decodes with on unstacked layers: see ref/cache.py)."""
+        return dataclasses.replace(self, keys=tuple(self.keys), values=tuple(self.values),
+                                   ema_state=tuple(self.ema_state))
 
 
 def updated(cache: MegaCache, kv: MegaLayerCache, new_tokens: int) -> MegaCache:

@@ -8,6 +8,7 @@ accumulate in fp32) within 3e-2 relative of the float32 readable path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN
+from refjax import generate as generate_lib
 from refjax.params.checkpoint import load_checkpoint
 from refjax.params.io import read_safetensors
 from refjax.tooling.families import FAMILIES
@@ -152,6 +154,44 @@ def test_unstacked_generation_equals_stacked(case):
                                            fast=fast, unstack=unstack)
             np.testing.assert_array_equal(np.asarray(seqs), np.asarray(ref_seqs))
             assert _rel_err(logits, ref_logits, None) <= 1e-6
+
+
+@pytest.mark.parametrize("case", ["gpt2/lm", "arcee/causal-lm", "roformer/causal-lm", "mega/causal-lm"])
+def test_per_layer_cache_gives_the_same_forward(case):
+    """A cache held per layer (`cache.per_layer()`: what `generate` decodes with on unstacked
+    layers) is a re-layout: a prefill and then a one-token step give the stacked cache's
+    logits (within 1e-6 of their scale) and the same cache contents, and the cache comes back
+    in the layout it was given (a tuple of L buffers), on unstacked layers (a loop) and on
+    the stack (the scan stacks it)."""
+    ckpt = load_checkpoint(os.path.join(GOLDEN, case), dtype=jnp.float32)
+    golden, _ = read_safetensors(os.path.join(GOLDEN, case, "golden.safetensors"))
+    family, config = FAMILIES[ckpt.family], ckpt.config
+    prompt, mask = jnp.asarray(golden["generate.input_ids"]), jnp.asarray(golden["generate.attention_mask"])
+    B, T = prompt.shape
+    positions = ((lambda p: dict(position_ids=p)) if family.takes_position_ids else (lambda p: {}))
+    step_ids = prompt[:, -1:]
+
+    def prefill_and_step(params, cache):
+        first = family.forward(params, config, prompt, mask, **positions(generate_lib.prompt_positions(mask)),
+                               cache=cache)
+        second = family.forward(params, config, step_ids, jnp.ones((B, 1), jnp.int32),
+                                **positions(jnp.sum(mask, -1, keepdims=True).astype(jnp.int32)), cache=first.cache)
+        return first, second
+
+    stacked_cache = family.init_cache(config, B, T + 1, jnp.float32)
+    ref_first, ref_second = prefill_and_step(ckpt.params, stacked_cache)
+    per_layer_fields = [f.name for f in dataclasses.fields(stacked_cache)
+                        if getattr(stacked_cache, f.name).ndim >= 3]  # [L, B, ...]: keys, values (MEGA: ema_state)
+    assert len(per_layer_fields) >= 2
+    for params in (family.unstack_layers(ckpt.params), ckpt.params):
+        first, second = prefill_and_step(params, stacked_cache.per_layer())
+        for out, ref in ((first, ref_first), (second, ref_second)):
+            assert _rel_err(out.logits, ref.logits, None) <= 1e-6
+            for name in per_layer_fields:
+                buffers, stacked = getattr(out.cache, name), getattr(ref.cache, name)
+                assert type(buffers) is tuple and len(buffers) == stacked.shape[0], name
+                assert _rel_err(jnp.stack(buffers), stacked, None) <= 1e-6, name
+            assert out.cache.max_length == ref.cache.max_length == T + 1
 
 
 def test_generate_keeps_a_big_stack(monkeypatch):
