@@ -486,9 +486,11 @@ def rounding_shift(v, e):
     big = e > 63
     e = jnp.clip(e, 0, 63)
     floor = v >> e
-    rem = v - (floor << e)  # in [0, 2^e): no overflow at e = 63 (floor is 0 or -1 there)
-    half = jnp.where(e > 0, jnp.int64(1) << jnp.maximum(e - 1, 0), 0)
-    up = (rem > half) | ((rem == half) & (e > 0) & ((floor & 1) == 1))
+    low = (jnp.int64(1) << e) - 1  # 2^e - 1 (e = 63: wraps to 2^63 - 1)
+    rem = v & low  # in [0, 2^e)
+    # round up past half, or at half when floor is odd: rem > 2^(e-1) - odd (no up for e = 0);
+    # (low >> 1) + 1 is 2^(e-1) for e > 0 and 1 for e = 0, and never overflows
+    up = rem > (low >> 1) + 1 - (floor & 1)
     shifted = jnp.where(e > 0, floor + up.astype(jnp.int64), left)
     return jnp.where(big, jnp.zeros_like(v), shifted)
 

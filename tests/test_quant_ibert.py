@@ -137,3 +137,26 @@ def test_integer_path_equals_fake_quant_on_golden():
         assert acc.dtype == jnp.int64  # int32 accumulation, int64 after the 32-bit bias
         ints = quant.requantize_int(acc, bias_scale, 8, quant.symmetric_scale(8, lo, hi))
         np.testing.assert_array_equal(np.asarray(ints), np.asarray(jnp.round(quant.div(fake, fake_scale))))
+
+
+def test_rounding_shift_is_exact_for_every_shift():
+    """round(v / 2^e) half to even for every e in [-3, 70] (e < 0: v * 2^-e, wrapping as
+    int64 shifts do; e >= 64: 0) and int64 v at the edges (0, +-1, odd and even halves,
+    +-2^62, the int64 extremes) and at random: exact, against Python's rational rounding."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(0)
+    edges = [0, 1, -1, 2, -2, 3, -3, 5, -5, 2 ** 62, -(2 ** 62), 2 ** 63 - 1, -(2 ** 63), 2 ** 40 + 2 ** 39,
+             -(2 ** 40 + 2 ** 39), 3 * 2 ** 39, -(3 * 2 ** 39)]
+    values = np.array(edges + rng.integers(-(2 ** 63), 2 ** 63 - 1, 200, dtype=np.int64).tolist()
+                      + rng.integers(-(2 ** 20), 2 ** 20, 200).tolist(), np.int64)
+    shifts = np.arange(-3, 71)
+    v, e = np.meshgrid(values, shifts, indexing="ij")
+    got = np.asarray(quant.rounding_shift(jnp.asarray(v), jnp.asarray(e)))
+    for (i, j), out in np.ndenumerate(got):
+        x, k = int(v[i, j]), int(e[i, j])
+        if k < 0:
+            want = ((x << -k) + 2 ** 63) % 2 ** 64 - 2 ** 63  # int64 wrap
+        else:
+            want = round(Fraction(x, 2 ** k)) if k < 64 else 0
+        assert int(out) == want, (x, k)
