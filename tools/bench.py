@@ -6,7 +6,8 @@ Needs the `reference` extra (torch + transformers). Measures, on this machine:
 - its own limits: fp32 matmul GFLOP/s and memory read bandwidth (best of numpy, torch,
   JAX), so every figure is also shown as a fraction of the limit;
 - GPT-2 124M (the real gpt2 config, random weights): forward fp32 batch 8 x 128, and
-  greedy decoding batch 1 (prompt 16, 64 new tokens) against the memory roofline
+  greedy decoding batch 1 (prompt 16, 64 new tokens; fp32 also after a 496-token prompt)
+  against the memory roofline
   (weight bytes / read bandwidth per token);
 - a small Arcee config likewise;
 - compile time of the GPT-2 forward at 4, 12 and 48 layers (scan keeps it flat);
@@ -248,9 +249,12 @@ def forward_flops(n_params_matmul: int, tokens: int, layers: int, width: int, se
 
 
 def bench_family(name: str, family: str, raw: dict, shapes: list[tuple[int, int]], prompt: int, new: int,
-                 repeats: int, limits: dict, dev: Device = CPU, rows: list | None = None) -> list[dict]:
+                 repeats: int, limits: dict, dev: Device = CPU, rows: list | None = None,
+                 long_prompt: int | None = None) -> list[dict]:
     """Forward rows for each (batch, seq) in `shapes`, then greedy decode rows (the prompt is
-    the start of the first shape's ids). Rows are appended to `rows` as they are measured."""
+    the start of the first shape's ids), and with `long_prompt` fp32 decode rows after a
+    prompt of that many tokens (where attention over the cache is a real part of a step).
+    Rows are appended to `rows` as they are measured."""
     import jax
     import jax.numpy as jnp
 
@@ -303,25 +307,29 @@ def bench_family(name: str, family: str, raw: dict, shapes: list[tuple[int, int]
             if dev.gpu:
                 dev.cuda.empty_cache()  # the big batch's activations, before the next stage
 
-        tprompt = dev.tensor(prompt_ids)
         # seconds per token if weights are read once per token
         roofline = weight_bytes(params) / (limits["read_gbps"] * 1e9)
-        fns = {  # `generate` decodes on per-layer weights by default (ref/tooling/families.py)
-            "refjax (default)": lambda: np.asarray(ops.generate(params, config, prompt_ids, max_new_tokens=new)),
-            "refjax (stacked)": lambda: np.asarray(ops.generate(params, config, prompt_ids, max_new_tokens=new,
-                                                                unstack=False)),
-            "refjax (fast)": lambda: np.asarray(ops.generate(params, config, prompt_ids, max_new_tokens=new,
-                                                             fast=True)),
-        }
-        fns.update({f"HF {attn}": (lambda m=m: m.generate(tprompt, max_new_tokens=new, min_new_tokens=new,
-                                                          do_sample=False, pad_token_id=0))
-                    for attn, m in hf_models.items()})
-        times = best_times_interleaved(fns, repeats, dev.sync)
-        for label, t in times.items():
-            per_token = t / new
-            rows.append({"model": name, "task": f"greedy decode {dtype} b1 p{prompt}+{new}", "impl": label,
-                         "seconds": t, "throughput": new / t, "unit": "tok/s", "ms_per_token": per_token * 1e3,
-                         "of_limit": roofline / per_token})
+        decodes = [(prompt_ids, prompt)]
+        if long_prompt and dtype == "fp32":
+            decodes.append((np.random.default_rng(3).integers(0, config.vocab_size, (1, long_prompt)), long_prompt))
+        for decode_ids, length in decodes:
+            tprompt = dev.tensor(decode_ids)
+            fns = {  # `generate` decodes on per-layer weights by default (ref/tooling/families.py)
+                "refjax (default)": lambda: np.asarray(ops.generate(params, config, decode_ids, max_new_tokens=new)),
+                "refjax (stacked)": lambda: np.asarray(ops.generate(params, config, decode_ids, max_new_tokens=new,
+                                                                    unstack=False)),
+                "refjax (fast)": lambda: np.asarray(ops.generate(params, config, decode_ids, max_new_tokens=new,
+                                                                 fast=True)),
+            }
+            fns.update({f"HF {attn}": (lambda m=m: m.generate(tprompt, max_new_tokens=new, min_new_tokens=new,
+                                                              do_sample=False, pad_token_id=0))
+                        for attn, m in hf_models.items()})
+            times = best_times_interleaved(fns, repeats, dev.sync)
+            for label, t in times.items():
+                per_token = t / new
+                rows.append({"model": name, "task": f"greedy decode {dtype} b1 p{length}+{new}", "impl": label,
+                             "seconds": t, "throughput": new / t, "unit": "tok/s", "ms_per_token": per_token * 1e3,
+                             "of_limit": roofline / per_token})
     return rows
 
 
@@ -690,6 +698,7 @@ def main(argv=None) -> int:
                  "num_key_value_heads": 4, "head_dim": 64, "max_position_embeddings": 4096, "hidden_act": "relu2",
                  "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
     batch, seq, prompt, new = (2, 32, 8, 8) if args.quick else (8, 128, 16, 64)
+    long_prompt = 24 if args.quick else 496  # + 64 new tokens: within GPT-2's 1024 positions
     big = (4, 64) if args.quick else (32, 512)  # GPT-2 forward on a GPU: 8 x 128 is tiny for one
     if args.quick:
         gpt2_raw = {**gpt2_raw, "n_layer": 2}
@@ -698,7 +707,7 @@ def main(argv=None) -> int:
                                                                     arcee_raw)]:
         shapes = [(batch, seq), big] if dev.gpu and family == "gpt2" else [(batch, seq)]
         stage(f"benchmarking {name}", lambda: bench_family(name, family, raw, shapes, prompt, new, args.repeats,
-                                                           limits, dev, rows))
+                                                           limits, dev, rows, long_prompt))
     state["compiles"] = stage("compile times", lambda: compile_times(gpt2_raw, (2, 4) if args.quick else (4, 12, 48)))
     state["golden_compiles"] = stage("compile time of every golden forward", lambda: golden_compile_times(
         limit=3 if args.quick else None))
