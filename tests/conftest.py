@@ -81,3 +81,31 @@ def _release_compiled_code():
     crash; modules share little compiled code, so clearing between them costs little."""
     yield
     jax.clear_caches()
+
+
+# Whole modules run on pytest-xdist workers (`--dist loadfile`, README). xdist would hand them
+# out by number of tests, which sends the one-test, 70-second test_sharding.py last and
+# leaves the other worker idle meanwhile; with `--no-loadscope-reorder` (pyproject addopts) it
+# keeps this order instead: longest first (one-process seconds, `pytest -p tools.suite_profile`,
+# 2026-12-05, AMD EPYC 2 cores), the rest after them in file order. A stale figure only
+# costs balance, never coverage.
+MODULE_SECONDS = {
+    "test_golden.py": 237, "test_reference_ibert.py": 131, "test_fast_path.py": 118, "test_cli.py": 117,
+    "test_integer_ibert.py": 108, "test_properties_gpt2.py": 93, "test_reference_train.py": 88,
+    "test_properties_arcee.py": 85, "test_reference_arcee.py": 78, "test_interventions.py": 74,
+    "test_properties_roformer.py": 72, "test_sharding.py": 67, "test_reference_gpt2.py": 61,
+    "test_flag_sensitivity.py": 61, "test_properties_mega.py": 58, "test_finetune.py": 58,
+    "test_reference_mega.py": 39, "test_interventions_ibert.py": 30, "test_quant_int_ibert.py": 29,
+    "test_taps.py": 23, "test_reference_roformer.py": 23, "test_inputs_mega.py": 23, "test_distributed.py": 22,
+    "test_interventions_mega.py": 21, "test_quant_ibert.py": 18, "test_inputs_roformer.py": 18,
+    "test_properties_ibert.py": 15, "test_mesh_loading.py": 14, "test_compare.py": 14, "test_diff.py": 13,
+    "test_fuzz_checkpoint.py": 12, "test_packaging.py": 12, "test_inputs_ibert.py": 12,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules longest first (MODULE_SECONDS); tests within a module keep their order."""
+    order = {}
+    for item in items:
+        order.setdefault(item.path.name, len(order))
+    items.sort(key=lambda item: (-MODULE_SECONDS.get(item.path.name, 0), order[item.path.name]))
