@@ -22,8 +22,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from refjax.layers import per_layer
-
 
 class KVCache(eqx.Module):
     keys: jax.Array | tuple[jax.Array, ...]  # [L, B, S, K, H], or L x [B, S, K, H] (per_layer)

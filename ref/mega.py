@@ -254,7 +254,7 @@ class MegaCache(eqx.Module):
 
     @property
     def max_length(self) -> int:
-        return (self.keys[0] if layers.per_layer(self.keys) else self.keys[0]).shape[1]  # [B, S, Z]
+        return self.keys[0].shape[1]  # layer 0's [B, S, Z], stacked or per layer
 
     @property
     def layers(self) -> MegaLayerCache:
